@@ -1,0 +1,19 @@
+"""lit_opd: on-policy distillation of language models as PyTorch Lightning parts.
+
+Data flow of one step: prompts (RolloutDataModule) → rollout with the current student →
+teacher scoring → divergence / sampled-token objective → optimizer step.
+"""
+
+from lit_opd.methods import OPDModule, PolicyModule, SFTModule
+from lit_opd.models import ModelSpec
+from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule, TaskPrompts
+from lit_opd.teachers import HFTeacher, Teacher
+from lit_opd.types import RolloutBatch, SamplingParams, TeacherCapability, TeacherOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OPDModule", "SFTModule", "PolicyModule", "ModelSpec", "RolloutDataModule", "JsonlPrompts",
+    "ListPrompts", "TaskPrompts", "HFTeacher", "Teacher", "RolloutBatch", "SamplingParams",
+    "TeacherCapability", "TeacherOutput",
+]

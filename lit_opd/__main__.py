@@ -1,0 +1,3 @@
+from lit_opd.cli import main
+
+main()

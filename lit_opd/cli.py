@@ -1,0 +1,61 @@
+"""``python -m lit_opd fit|validate|test --config x.yaml`` and ``python -m lit_opd export``.
+
+LightningCLI in subclass mode: ``model`` is any :class:`PolicyModule` (OPDModule, SFTModule, ...)
+and ``data`` any RolloutDataModule, both given as ``class_path`` + ``init_args``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from lit_opd.methods.base import PolicyModule
+from lit_opd.rollout.datamodule import RolloutDataModule
+
+
+class OPDCLI(LightningCLI):
+    """The project's CLI. Kept in a regular module (not ``__main__``) so ``ddp_spawn`` can pickle it."""
+
+
+def cli_main(args: ArgsType = None, run: bool = True) -> OPDCLI | None:
+    """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests pass a list)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "export":
+        export_main(argv[1:])
+        return None
+    return OPDCLI(
+        PolicyModule,
+        RolloutDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        run=run,
+    )
+
+
+def export_main(argv: list[str]) -> None:
+    """``export --ckpt_path CKPT --out DIR``: the student (and tokenizer) in Hugging Face format."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m lit_opd export", description=export_main.__doc__)
+    parser.add_argument("--ckpt_path", type=str, required=True, help="a lit_opd checkpoint (.ckpt)")
+    parser.add_argument("--out", type=str, required=True, help="directory to write (must be empty or new)")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace files in a non-empty --out")
+    cfg = parser.parse_args(argv)
+    from lit_opd.export import export_checkpoint
+
+    out = export_checkpoint(cfg.ckpt_path, cfg.out, overwrite=cfg.overwrite)
+    print(f"exported student to {out}")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli_main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,141 @@
+"""PolicyModule: what every method shares — the student, its tokenizer, the optimizer, step
+logging, greedy validation and a checkpoint that holds the student and nothing else.
+
+Methods subclass :class:`~lit_opd.methods.opd.OPDModule` (or this, for SFT) and implement
+``loss(batch, ...)``. The rollout DataModule reaches the student through :attr:`policy`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+import tempfile
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+from transformers import PreTrainedTokenizerBase
+
+from lit_opd.models import ModelSpec, check_model_vocab, load_causal_lm, load_tokenizer
+from lit_opd.types import RolloutBatch
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:  # noqa: ANN001
+    return torch.optim.AdamW(params, lr=1e-5)
+
+
+class PolicyModule(L.LightningModule):
+    """Base of every method: owns the student (``policy``) and its tokenizer.
+
+    Args:
+        student: a :class:`ModelSpec`, a path / hub id, or (from Python) an ``nn.Module``.
+        tokenizer: tokenizer path or object; defaults to the one stored with ``student``.
+        optimizer: optimizer factory, ``params -> Optimizer`` (``class_path`` in YAML).
+        scheduler: optional LR scheduler factory, stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        student: ModelSpec | str | nn.Module,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["student", "teacher", "tokenizer", "optimizer", "scheduler", "reference"])
+        self.student = load_causal_lm(student)
+        self.student.train()
+        self.tokenizer = load_tokenizer(tokenizer, student)
+        check_model_vocab(self.student, self.tokenizer, "student")
+        self.student_spec = None if isinstance(student, nn.Module) else student
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.val_accuracy = MeanMetric()
+        self.val_length = MeanMetric()
+        self._step_started = 0.0
+
+    @property
+    def policy(self) -> nn.Module:
+        """The model that generates rollouts: the student, with its current weights."""
+        return self.student
+
+    def completion_source(self) -> str:
+        """Where this training step's completions come from: "student" (on-policy) by default."""
+        return "student"
+
+    # ----- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):  # noqa: ANN201
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- logging --------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: RolloutBatch, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: RolloutBatch, batch_idx: int) -> None:  # noqa: ANN001
+        train_s = time.perf_counter() - self._step_started
+        total_s = train_s + batch.rollout_seconds
+        self.log_dict(
+            {
+                "time/rollout_s": batch.rollout_seconds,
+                "time/train_s": train_s,
+                "tok_s": batch.num_tokens / max(total_s, 1e-9),
+            },
+            prog_bar=False,
+            batch_size=batch.completion_ids_BT.shape[0],
+        )
+        self.log("tok/s", batch.num_tokens / max(total_s, 1e-9), prog_bar=True, logger=False)
+
+    def log_rollout(self, batch: RolloutBatch, metrics: dict[str, torch.Tensor]) -> None:
+        """Loss terms plus completion-length statistics, every step, key ones in the progress bar."""
+        lengths_B = batch.completion_mask_BT.sum(-1).float()
+        stats = {
+            "rollout/len_mean": lengths_B.mean(),
+            "rollout/len_max": lengths_B.max(),
+            "rollout/cut_frac": batch.truncated_B.float().mean() if batch.truncated_B is not None else 0.0,
+        }
+        stats.update({f"train/{k}": v for k, v in metrics.items()})
+        B = batch.completion_ids_BT.shape[0]
+        self.log_dict(stats, batch_size=B)
+        bar = {"loss": metrics["loss"], "len": stats["rollout/len_mean"]}
+        bar.update({k: metrics[k] for k in ("teacher_kl", "entropy") if k in metrics})
+        self.log_dict(bar, prog_bar=True, logger=False, batch_size=B)
+
+    # ----- validation -----------------------------------------------------------------------
+    def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        self.val_accuracy.update(batch.correct_B)
+        self.val_length.update(batch.completion_mask_BT.sum(-1).float())
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True, on_epoch=True, on_step=False)
+        self.log("val/len_mean", self.val_length, on_epoch=True, on_step=False)
+
+    def test_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        self.val_accuracy.update(batch.correct_B)
+        self.log("test/accuracy", self.val_accuracy, on_epoch=True, on_step=False)
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Only the student's weights: frozen teachers/references are rebuilt from their specs.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if not k.startswith("student.")]:
+            del state[key]
+        info = checkpoint.setdefault("lit_opd", {})
+        info["student_config"] = self.student.config.to_dict() if hasattr(self.student, "config") else None
+        info["tokenizer_files"] = tokenizer_files(self.tokenizer)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The saved state dict holds only student weights; other registered buffers keep their init.
+        own = self.state_dict()
+        for key, value in own.items():
+            checkpoint["state_dict"].setdefault(key, value)
+
+
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+    """The tokenizer's saved files, so ``export`` can write it even when it came from an object."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}

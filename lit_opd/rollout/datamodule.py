@@ -1,0 +1,291 @@
+"""RolloutDataModule: prompts on the CPU, on-policy completions on the accelerator.
+
+The DataLoader yields :class:`PromptBatch` es; once Lightning has moved one to the device,
+:meth:`RolloutDataModule.on_after_batch_transfer` completes it with the *current* student
+(``trainer.lightning_module.policy``) and hands a :class:`RolloutBatch` to the method. Validation
+batches are decoded greedily and graded by the source's verifier.
+
+Shared by every method; a method chooses where completions come from per step through
+``completion_source()`` (student, teacher or dataset) — GKD's on/off-policy mix.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts
+from lit_opd.rollout.sampler import ResumablePromptSampler
+from lit_opd.rollout.sampling import sample
+from lit_opd.rollout.sources import PromptSource
+from lit_opd.types import PromptBatch, RolloutBatch, SamplingParams
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Prompt sources, chat templating, left padding and on-policy generation.
+
+    Args:
+        source: training prompts (``JsonlPrompts``, ``ListPrompts`` or ``TaskPrompts``).
+        val_source: validation prompts with answers; when None, ``val_size`` rows are split off
+            ``source`` (a fraction if < 1, else a count).
+        val_size: size of that split (0 disables validation).
+        batch_size: prompts per training step and device (rows = ``batch_size × num_samples``).
+        val_batch_size: prompts per validation step (defaults to ``batch_size``).
+        sampling: how training completions are drawn.
+        val_max_new_tokens: completion limit for greedy validation (defaults to sampling's).
+        max_prompt_tokens: longest prompt allowed, in tokens.
+        over_long_prompts: what to do with a longer one: "error" (naming the row), "truncate"
+            (keep its last ``max_prompt_tokens`` tokens) or "skip".
+        use_chat_template: wrap prompts with the tokenizer's chat template; None = when it has one.
+        system_prompt: system message prepended when the chat template is used.
+        seed: shuffling and sampling seed (identical streams on resume).
+        num_workers: DataLoader workers (prompts are small; 0 is usually right).
+        tokenizer: tokenizer path; None takes the attached method's ``tokenizer``.
+    """
+
+    def __init__(
+        self,
+        source: PromptSource,
+        val_source: PromptSource | None = None,
+        val_size: float = 0.1,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        sampling: SamplingParams = SamplingParams(),
+        val_max_new_tokens: int | None = None,
+        max_prompt_tokens: int = 512,
+        over_long_prompts: Literal["error", "truncate", "skip"] = "error",
+        use_chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        tokenizer: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"RolloutDataModule.batch_size must be >= 1, got {batch_size}")
+        if val_size < 0:
+            raise ValueError(f"RolloutDataModule.val_size must be >= 0, got {val_size}")
+        self.source, self.val_source, self.val_size = source, val_source, val_size
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.sampling = sampling
+        self.val_sampling = SamplingParams(
+            max_new_tokens=val_max_new_tokens or sampling.max_new_tokens, greedy=True
+        )
+        self.prompt_settings = dict(
+            max_prompt_tokens=max_prompt_tokens,
+            over_long=over_long_prompts,
+            use_chat_template=use_chat_template,
+            system_prompt=system_prompt,
+        )
+        self.seed, self.num_workers, self.tokenizer_path = seed, num_workers, tokenizer
+        self.tokenizer = None
+        self.train_rows: list[dict] = []
+        self.val_rows: list[dict] = []
+        self._epoch_position = {"epoch": 0, "batches_done": 0}
+
+    # ----- prompts (CPU) --------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self._resolve_tokenizer()
+        encode = PromptTokenizer(self.tokenizer, **self.prompt_settings)
+        rows = self.source.load()
+        val_rows = self.val_source.load() if self.val_source is not None else []
+        if self.val_source is None and self.val_size > 0:
+            n_val = int(self.val_size) if self.val_size >= 1 else max(1, round(len(rows) * self.val_size))
+            if n_val >= len(rows):
+                raise ValueError(
+                    f"RolloutDataModule.val_size={self.val_size} leaves no training rows out of {len(rows)}; "
+                    "lower val_size or pass val_source"
+                )
+            # The split is fixed by the seed, so a resumed run validates on the same rows.
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            val_rows = [rows[i] for i in order[:n_val]]
+            rows = [rows[i] for i in sorted(order[n_val:])]
+        self.train_rows = encode.rows(rows, "training")
+        self.val_rows = encode.rows(val_rows, "validation") if val_rows else []
+
+    def _resolve_tokenizer(self):  # noqa: ANN202
+        trainer = getattr(self, "trainer", None)
+        module_tok = getattr(trainer.lightning_module, "tokenizer", None) if trainer else None
+        if module_tok is not None:
+            return module_tok
+        if self.tokenizer_path is None:
+            raise ValueError(
+                "RolloutDataModule has no tokenizer: attach it to a method with a `tokenizer` "
+                "(trainer.fit(module, datamodule)) or pass `tokenizer=` a path"
+            )
+        from lit_opd.models import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_path, self.tokenizer_path)
+
+    def train_dataloader(self) -> DataLoader:
+        if len(self.train_rows) < self.batch_size:
+            raise ValueError(
+                f"RolloutDataModule has {len(self.train_rows)} training prompts, fewer than "
+                f"batch_size={self.batch_size}; lower batch_size or add prompts"
+            )
+        trainer = getattr(self, "trainer", None)
+        sampler = ResumablePromptSampler(
+            len(self.train_rows),
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            resume_epoch=self._epoch_position["epoch"],
+            resume_skip=self._epoch_position["batches_done"] * self.batch_size,
+        )
+        return self._loader(self.train_rows, self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_rows:
+            return []
+        return self._loader(self.val_rows, self.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def _loader(self, rows: list[dict], batch_size: int, **kwargs) -> DataLoader:  # noqa: ANN003
+        pad_id = self.tokenizer.pad_token_id
+        return DataLoader(
+            rows,
+            batch_size=batch_size,
+            collate_fn=lambda b: collate_prompts(b, pad_id),
+            num_workers=self.num_workers,
+            **kwargs,
+        )
+
+    # ----- rollout (device) -----------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: PromptBatch, dataloader_idx: int) -> RolloutBatch:
+        if not isinstance(batch, PromptBatch):
+            return batch
+        trainer = self.trainer
+        module = trainer.lightning_module
+        if trainer.training:
+            self._advance_position(trainer.current_epoch)
+            return self.rollout(batch, module, module.completion_source(), trainer.global_step)
+        rollout = self.rollout(batch, module, "greedy", trainer.global_step)
+        rollout.correct_B = self.grade(rollout)
+        return rollout
+
+    def _advance_position(self, epoch: int) -> None:
+        if epoch != self._epoch_position["epoch"]:
+            self._epoch_position = {"epoch": epoch, "batches_done": 0}
+        self._epoch_position["batches_done"] += 1
+
+    def rollout(self, batch: PromptBatch, module: L.LightningModule, source: str, step: int) -> RolloutBatch:
+        """Complete ``batch`` from ``source``: "student", "teacher", "dataset" or "greedy"."""
+        start = time.perf_counter()
+        if source == "dataset":
+            rollout = dataset_completions(batch, self.tokenizer.pad_token_id)
+        else:
+            rollout = self._generate(batch, module, source, step)
+        rollout.rollout_seconds = time.perf_counter() - start
+        return rollout
+
+    def _generate(self, batch: PromptBatch, module: L.LightningModule, source: str, step: int) -> RolloutBatch:
+        params = self.val_sampling if source == "greedy" else self.sampling
+        model = module.policy if source in ("student", "greedy") else module.teacher_generator()
+        generator = torch.Generator(device=batch.prompt_ids_BP.device)
+        rank = self.trainer.global_rank if getattr(self, "trainer", None) else 0
+        # Seeded by (seed, step, rank): rollouts differ across ranks, and a resumed run redraws
+        # exactly the samples the unbroken run drew, without saving generator state.
+        generator.manual_seed(rollout_seed(self.seed, step, rank, source))
+        was_training = model.training
+        model.eval()
+        try:
+            out = sample(
+                model,
+                batch.prompt_ids_BP,
+                batch.prompt_mask_BP,
+                params,
+                eos_token_ids=eos_ids(self.tokenizer),
+                pad_token_id=self.tokenizer.pad_token_id,
+                generator=generator,
+            )
+        finally:
+            model.train(was_training)
+        G = params.num_samples
+        return RolloutBatch(
+            prompt_ids_BP=batch.prompt_ids_BP.repeat_interleave(G, 0),
+            prompt_mask_BP=batch.prompt_mask_BP.repeat_interleave(G, 0),
+            completion_ids_BT=out.tokens_BT,
+            completion_mask_BT=out.mask_BT,
+            sampler_logp_BT=out.logp_BT,
+            answers=[a for a in batch.answers for _ in range(G)],
+            row_index_B=batch.row_index_B.repeat_interleave(G, 0),
+            source=source,
+            truncated_B=out.truncated_B,
+        )
+
+    def grade(self, rollout: RolloutBatch) -> torch.Tensor:
+        """1.0 where the verifier accepts the decoded completion, else 0.0: (B,)."""
+        source = self.val_source or self.source
+        texts = self.decode(rollout)
+        correct = [float(source.verify(t, a)) for t, a in zip(texts, rollout.answers)]
+        return torch.tensor(correct, device=rollout.completion_ids_BT.device)
+
+    @torch.no_grad()
+    def evaluate(self, module: L.LightningModule) -> dict[str, float]:
+        """Greedy accuracy of ``module.policy`` on every validation prompt (outside Lightning's
+        loops: callbacks use it before/after training). Deterministic, so every rank agrees."""
+        correct = []
+        for batch in self.val_dataloader():
+            rollout = self.rollout(batch.to(module.device), module, "greedy", step=0)
+            correct.append(self.grade(rollout))
+        if not correct:
+            raise ValueError("evaluate() needs validation prompts: set val_source or val_size > 0")
+        return {"accuracy": torch.cat(correct).mean().item()}
+
+    def decode(self, rollout: RolloutBatch) -> list[str]:
+        ids = rollout.completion_ids_BT.masked_fill(~rollout.completion_mask_BT, self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+
+    # ----- exact resume ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return dict(self._epoch_position)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._epoch_position = {"epoch": state_dict["epoch"], "batches_done": state_dict["batches_done"]}
+
+
+def rollout_seed(seed: int, step: int, rank: int, source: str) -> int:
+    """A generator seed unique to (seed, step, rank, source) and stable across processes
+    (unlike ``hash`` of a string, which Python randomises per process)."""
+    code = ("student", "teacher", "greedy").index(source)
+    return ((seed * 1_000_003 + step) * 4099 + rank) * 4 + code
+
+
+def eos_ids(tokenizer) -> list[int]:  # noqa: ANN001
+    ids = tokenizer.eos_token_id
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def dataset_completions(batch: PromptBatch, pad_id: int) -> RolloutBatch:
+    """Reference answers as completions (GKD's supervised branch, SFT)."""
+    if any(not ids for ids in batch.answer_ids):
+        missing = [int(i) for i, ids in zip(batch.row_index_B, batch.answer_ids) if not ids]
+        raise ValueError(
+            f"Prompt rows {missing[:5]} have no 'answer', but this step needs dataset completions "
+            "(lmbda < 1 or SFT); add answers or set lmbda=1"
+        )
+    T = max(len(ids) for ids in batch.answer_ids)
+    device = batch.prompt_ids_BP.device
+    ids_BT = torch.full((len(batch.answer_ids), T), pad_id, dtype=torch.long, device=device)
+    mask_BT = torch.zeros_like(ids_BT, dtype=torch.bool)
+    for i, ids in enumerate(batch.answer_ids):
+        ids_BT[i, : len(ids)] = torch.tensor(ids, device=device)
+        mask_BT[i, : len(ids)] = True
+    return RolloutBatch(
+        prompt_ids_BP=batch.prompt_ids_BP,
+        prompt_mask_BP=batch.prompt_mask_BP,
+        completion_ids_BT=ids_BT,
+        completion_mask_BT=mask_BT,
+        sampler_logp_BT=None,
+        answers=list(batch.answers),
+        row_index_B=batch.row_index_B,
+        source="dataset",
+        truncated_B=torch.zeros(len(batch.answer_ids), dtype=torch.bool, device=device),
+    )

@@ -1,0 +1,94 @@
+"""Prompt rows → token ids (chat template, length limit) and left-padded PromptBatches."""
+
+from __future__ import annotations
+
+import torch
+
+from lit_opd.types import PromptBatch
+
+
+class PromptTokenizer:
+    """Turns source rows into ``{"prompt_ids", "answer", "answer_ids", "row_index"}`` records."""
+
+    def __init__(
+        self,
+        tokenizer,  # noqa: ANN001 - any transformers tokenizer
+        max_prompt_tokens: int,
+        over_long: str,
+        use_chat_template: bool | None,
+        system_prompt: str | None,
+    ) -> None:
+        if over_long not in ("error", "truncate", "skip"):
+            raise ValueError(f"over_long_prompts={over_long!r}: use 'error', 'truncate' or 'skip'")
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        if use_chat_template and not has_template:
+            raise ValueError("use_chat_template=True but the tokenizer has no chat_template; set it to false")
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.over_long = over_long
+        self.chat = has_template if use_chat_template is None else use_chat_template
+        self.system_prompt = system_prompt
+
+    def prompt_ids(self, row: dict, where: str) -> list[int]:
+        if self.chat:
+            messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+            if self.system_prompt and messages[0].get("role") != "system":
+                messages = [{"role": "system", "content": self.system_prompt}, *messages]
+            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            # transformers 5 returns a BatchEncoding here, older versions a list.
+            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        if "prompt" not in row:
+            raise ValueError(
+                f"{where} has 'messages' but the chat template is off; set use_chat_template: true "
+                "with a tokenizer that has one, or give a 'prompt' string"
+            )
+        return self.tokenizer(row["prompt"])["input_ids"]
+
+    def rows(self, rows: list[dict], split: str) -> list[dict]:
+        out = []
+        for index, row in enumerate(rows):
+            ids = self.prompt_ids(row, f"{split} row {index}")
+            if len(ids) > self.max_prompt_tokens:
+                if self.over_long == "error":
+                    raise ValueError(
+                        f"{split} row {index} has a {len(ids)}-token prompt, longer than "
+                        f"max_prompt_tokens={self.max_prompt_tokens}; raise max_prompt_tokens or set "
+                        "over_long_prompts to 'truncate' or 'skip'"
+                    )
+                if self.over_long == "skip":
+                    continue
+                ids = ids[-self.max_prompt_tokens :]  # keep the end: it holds the question and cue
+            answer = row.get("answer")
+            answer_ids = []
+            if answer is not None:
+                answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+                answer_ids = [*answer_ids, self.eos_id]
+            out.append({"prompt_ids": ids, "answer": answer, "answer_ids": answer_ids, "row_index": index})
+        if rows and not out:
+            raise ValueError(f"every {split} prompt was skipped as over-long; raise max_prompt_tokens")
+        return out
+
+    @property
+    def eos_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        return eos[0] if isinstance(eos, (list, tuple)) else eos
+
+
+def collate_prompts(records: list[dict], pad_id: int) -> PromptBatch:
+    """Left-pad prompts so every row's last token sits in the last column (generation appends there)."""
+    P = max(len(r["prompt_ids"]) for r in records)
+    ids_BP = torch.full((len(records), P), pad_id, dtype=torch.long)
+    mask_BP = torch.zeros((len(records), P), dtype=torch.long)
+    for i, r in enumerate(records):
+        n = len(r["prompt_ids"])
+        ids_BP[i, P - n :] = torch.tensor(r["prompt_ids"], dtype=torch.long)
+        mask_BP[i, P - n :] = 1
+    return PromptBatch(
+        prompt_ids_BP=ids_BP,
+        prompt_mask_BP=mask_BP,
+        answers=[r["answer"] for r in records],
+        answer_ids=[r["answer_ids"] for r in records],
+        row_index_B=torch.tensor([r["row_index"] for r in records], dtype=torch.long),
+    )

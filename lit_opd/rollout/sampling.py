@@ -1,0 +1,111 @@
+"""Pure generation functions: ``sample(model, ids, mask, params) -> tokens, log-probs``.
+
+They know nothing of tokenization or Lightning, so the rollout DataModule and any method that
+needs extra samples mid-step (e.g. chunk rollouts) call the same code.
+
+The decode loop keeps a KV cache and passes explicit position ids, so a left-padded row gets the
+same positions as the unpadded prompt would, and rows stop independently at their first EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lit_opd.types import SamplingParams
+
+
+@dataclass
+class SampleOutput:
+    """tokens_BT right padded with ``pad_id``; mask_BT True on generated tokens (EOS included);
+    logp_BT the sampling distribution's log-prob of each token (0 on padding); truncated_B rows
+    that hit the length limit without EOS."""
+
+    tokens_BT: Tensor
+    mask_BT: Tensor
+    logp_BT: Tensor
+    truncated_B: Tensor
+
+
+def filter_logits(logits_BV: Tensor, params: SamplingParams) -> Tensor:
+    """Temperature, then top-k, then top-p; removed entries become -inf."""
+    logits_BV = logits_BV.float() / params.temperature
+    vocab = logits_BV.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth_BV = torch.topk(logits_BV, params.top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_BV, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+        cum_BV = sorted_BV.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop_sorted_BV = (cum_BV - sorted_BV.softmax(-1)) >= params.top_p
+        drop_BV = drop_sorted_BV.scatter(-1, order_BV, drop_sorted_BV)
+        logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
+    return logits_BV
+
+
+def pick_tokens(
+    logits_BV: Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """One decoding step: the chosen token per row and its log-prob under the sampling distribution."""
+    if params.greedy:
+        logp_BV = logits_BV.float().log_softmax(-1)
+        tokens_B = logp_BV.argmax(-1)
+    else:
+        logp_BV = filter_logits(logits_BV, params).log_softmax(-1)
+        tokens_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+    return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    prompt_ids_BP: Tensor,
+    prompt_mask_BP: Tensor,
+    params: SamplingParams,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> SampleOutput:
+    """Complete every prompt ``params.num_samples`` times with a KV-cached decode loop.
+
+    Rows of one prompt are adjacent in the output (prompt i → rows i*G .. i*G+G-1).
+    The model must be a transformers-style causal LM (``input_ids``, ``attention_mask``,
+    ``position_ids``, ``cache``, ``use_cache`` → ``.logits``, ``.cache``; transformers ≥ 5.24).
+    """
+    ids_BP = prompt_ids_BP.repeat_interleave(params.num_samples, dim=0)
+    mask_BL = prompt_mask_BP.repeat_interleave(params.num_samples, dim=0).long()
+    positions_BP = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+    eos_ids = torch.tensor(eos_token_ids, device=ids_BP.device)
+    out = model(input_ids=ids_BP, attention_mask=mask_BL, position_ids=positions_BP, use_cache=True)
+    next_pos_B1 = positions_BP[:, -1:] + 1
+    finished_B = torch.zeros(ids_BP.shape[0], dtype=torch.bool, device=ids_BP.device)
+    tokens, logps, valid = [], [], []
+    for step in range(params.max_new_tokens):
+        tok_B, logp_B = pick_tokens(out.logits[:, -1, :], params, generator)
+        tok_B = tok_B.masked_fill(finished_B, pad_token_id)
+        tokens.append(tok_B)
+        logps.append(logp_B.masked_fill(finished_B, 0.0))
+        valid.append(~finished_B)
+        if params.stop_at_eos:
+            finished_B = finished_B | torch.isin(tok_B, eos_ids)
+        if step == params.max_new_tokens - 1 or bool(finished_B.all()):
+            break
+        mask_BL = torch.cat([mask_BL, (~finished_B).long()[:, None]], dim=1)
+        out = model(
+            input_ids=tok_B[:, None],
+            attention_mask=mask_BL,
+            position_ids=next_pos_B1,
+            cache=out.cache,
+            use_cache=True,
+        )
+        next_pos_B1 = next_pos_B1 + 1
+    mask_BT = torch.stack(valid, dim=1)
+    return SampleOutput(
+        tokens_BT=torch.stack(tokens, dim=1),
+        mask_BT=mask_BT,
+        logp_BT=torch.stack(logps, dim=1),
+        truncated_B=~finished_B if params.stop_at_eos else torch.ones_like(finished_B),
+    )

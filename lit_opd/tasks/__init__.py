@@ -1,0 +1,7 @@
+"""Synthetic verifiable tasks: a seeded generator, a prompt format and a verifier."""
+
+from lit_opd.tasks.base import Task
+from lit_opd.tasks.addition import AdditionTask
+from lit_opd.tasks.tokenizer import char_tokenizer
+
+__all__ = ["Task", "AdditionTask", "char_tokenizer"]

@@ -1,0 +1,53 @@
+"""A local Hugging Face teacher: full logits from a frozen causal LM, optionally 4/8-bit."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lit_opd.models import ModelSpec, as_spec, completion_logits, freeze, load_causal_lm, load_tokenizer
+from lit_opd.teachers.base import Teacher
+from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
+
+
+class HFTeacher(Teacher):
+    """Frozen transformers causal LM that returns full-vocabulary logits.
+
+    Args:
+        model: a :class:`ModelSpec`, a path/hub id, or an already built ``nn.Module``.
+        tokenizer: tokenizer path or object; defaults to the one stored with ``model``.
+        name: label for logs and the checkpoint identity when ``model`` is an object.
+    """
+
+    capability: ClassVar[TeacherCapability] = TeacherCapability.FULL_LOGITS
+
+    def __init__(
+        self,
+        model: ModelSpec | str | nn.Module,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.spec = None if isinstance(model, nn.Module) else as_spec(model)
+        self.model = freeze(load_causal_lm(model))
+        self.tokenizer = load_tokenizer(tokenizer, model)
+        self.name = name or (self.spec.path if self.spec else type(self.model).__name__)
+
+    def to(self, device: torch.device | str) -> HFTeacher:
+        if self.spec is None or self.spec.quantization is None:  # bitsandbytes places its own weights
+            self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch) -> TeacherOutput:
+        return TeacherOutput(logits_BTV=completion_logits(self.model, batch))
+
+    def identity(self) -> dict:
+        ident = {"class": type(self).__name__, "name": self.name}
+        if self.spec is not None:
+            ident.update(self.spec.identity())
+        else:
+            ident["num_parameters"] = sum(p.numel() for p in self.model.parameters())
+        return ident

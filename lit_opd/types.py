@@ -1,0 +1,158 @@
+"""Typed containers that flow through one OPD step: prompts → rollout → teacher → loss.
+
+Shapes use the house letters: B batch rows (prompts × samples), P prompt length (left padded),
+T completion length (right padded), V vocabulary, K top-k entries.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the rollout engine turns prompts into completions.
+
+    Args:
+        max_new_tokens: completion length limit T_max; a row that reaches it without EOS is "cut".
+        temperature: logits are divided by it before sampling; ignored when ``greedy``.
+        top_p: nucleus sampling mass (1.0 = off).
+        top_k: keep the k most likely tokens (0 = off).
+        num_samples: completions drawn per prompt (G); rows of one prompt are adjacent.
+        stop_at_eos: stop a row at its first EOS (the EOS token itself is part of the completion).
+        greedy: argmax decoding (validation).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_samples: int = 1
+    stop_at_eos: bool = True
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(
+                f"SamplingParams.temperature must be > 0, got {self.temperature}; use greedy=True for argmax"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.num_samples < 1:
+            raise ValueError(f"SamplingParams.num_samples must be >= 1, got {self.num_samples}")
+
+
+@dataclass
+class PromptBatch:
+    """What the DataLoader yields (CPU), before the rollout.
+
+    Fields:
+        prompt_ids_BP: int64 (B, P), left padded with the pad id.
+        prompt_mask_BP: int64 (B, P), 1 on real prompt tokens.
+        answers: B reference answers (None where the source has none).
+        answer_ids: B token-id lists of ``answer + EOS`` (empty where no answer); used by the
+            off-policy (dataset) completions of GKD and by SFT.
+        row_index_B: int64 (B,), index of each prompt in its source (for logs and debugging).
+    """
+
+    prompt_ids_BP: Tensor
+    prompt_mask_BP: Tensor
+    answers: list[str | None]
+    answer_ids: list[list[int]]
+    row_index_B: Tensor
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        return replace(
+            self,
+            prompt_ids_BP=self.prompt_ids_BP.to(device),
+            prompt_mask_BP=self.prompt_mask_BP.to(device),
+            row_index_B=self.row_index_B.to(device),
+        )
+
+
+@dataclass
+class RolloutBatch:
+    """Prompts with their completions, ready for teacher scoring and the loss.
+
+    Fields:
+        prompt_ids_BP: int64 (B, P), left padded.
+        prompt_mask_BP: int64 (B, P).
+        completion_ids_BT: int64 (B, T), right padded with pad id after EOS / the limit.
+        completion_mask_BT: bool (B, T), True on generated tokens (EOS included, padding excluded).
+        sampler_logp_BT: float (B, T) log-prob of each token under the distribution it was drawn
+            from (temperature / top-k / top-p applied); None for dataset completions.
+        answers: B reference answers (None where unknown).
+        row_index_B: int64 (B,), source prompt index of each row (rows of one prompt adjacent).
+        source: "student" (on-policy), "teacher" (seq-KD), "dataset" (supervised), "greedy" (val).
+        truncated_B: bool (B,), True where the row hit ``max_new_tokens`` without EOS.
+        correct_B: float (B,) verifier result (1 correct, 0 wrong), validation only.
+        rollout_seconds: wall time spent generating this batch.
+    """
+
+    prompt_ids_BP: Tensor
+    prompt_mask_BP: Tensor
+    completion_ids_BT: Tensor
+    completion_mask_BT: Tensor
+    sampler_logp_BT: Tensor | None
+    answers: list[str | None]
+    row_index_B: Tensor
+    source: str = "student"
+    truncated_B: Tensor | None = None
+    correct_B: Tensor | None = None
+    rollout_seconds: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt_ids_BP.shape[1]
+
+    @property
+    def input_ids_BL(self) -> Tensor:
+        """Prompt and completion side by side: (B, P+T)."""
+        return torch.cat([self.prompt_ids_BP, self.completion_ids_BT], dim=1)
+
+    @property
+    def attention_mask_BL(self) -> Tensor:
+        return torch.cat([self.prompt_mask_BP, self.completion_mask_BT.long()], dim=1)
+
+    @property
+    def position_ids_BL(self) -> Tensor:
+        """Positions that skip left padding, so a row means the same whatever its padding."""
+        return (self.attention_mask_BL.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask_BT.sum())
+
+
+class TeacherCapability(enum.IntEnum):
+    """What a teacher can return, from least to most informative."""
+
+    TEXT_ONLY = 0
+    TOKEN_LOGPROBS = 1
+    TOPK_LOGPROBS = 2
+    FULL_LOGITS = 3
+
+
+@dataclass
+class TeacherOutput:
+    """The teacher's judgement of a RolloutBatch's completion tokens.
+
+    Fields (each None unless the teacher's capability provides it):
+        logits_BTV: float (B, T, V), logits predicting completion token t (full-logit teachers).
+        topk_logp_BTK / topk_ids_BTK: (B, T, K) the teacher's top-k log-probs and their ids.
+        token_logp_BT: float (B, T) log-prob of the sampled completion tokens.
+    """
+
+    logits_BTV: Tensor | None = None
+    topk_logp_BTK: Tensor | None = None
+    topk_ids_BTK: Tensor | None = None
+    token_logp_BT: Tensor | None = None
