@@ -32,7 +32,9 @@ def cli_main(args: ArgsType = None, run: bool = True) -> OPDCLI | None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        # None: LightningCLI reads sys.argv itself (passing it as `args` too triggers its
+        # "args and command line arguments" warning on every `python -m lit_opd` run).
+        args=None if args is None else argv,
         run=run,
     )
 
@@ -48,7 +50,10 @@ def export_main(argv: list[str]) -> None:
     cfg = parser.parse_args(argv)
     from lit_opd.export import export_checkpoint
 
-    out = export_checkpoint(cfg.ckpt_path, cfg.out, overwrite=cfg.overwrite)
+    try:
+        out = export_checkpoint(cfg.ckpt_path, cfg.out, overwrite=cfg.overwrite)
+    except (OSError, ValueError) as err:  # one clear line, no traceback, nothing written
+        parser.error(str(err))
     print(f"exported student to {out}")
 
 

@@ -11,7 +11,10 @@ Shared by every method; a method chooses where completions come from per step th
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
@@ -23,6 +26,10 @@ from lit_opd.rollout.sampler import ResumablePromptSampler
 from lit_opd.rollout.sampling import sample
 from lit_opd.rollout.sources import PromptSource
 from lit_opd.types import PromptBatch, RolloutBatch, SamplingParams
+
+# Lightning warns that a mid-epoch resume is unreliable unless the DataLoader is stateful; here the
+# DataModule's state_dict restores the exact prompt position (ResumablePromptSampler), so it is not.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -196,15 +203,17 @@ class RolloutDataModule(L.LightningDataModule):
         was_training = model.training
         model.eval()
         try:
-            out = sample(
-                model,
-                batch.prompt_ids_BP,
-                batch.prompt_mask_BP,
-                params,
-                eos_token_ids=eos_ids(self.tokenizer),
-                pad_token_id=self.tokenizer.pad_token_id,
-                generator=generator,
-            )
+            with generation_context(self.trainer if getattr(self, "trainer", None) else None):
+                out = sample(
+                    model,
+                    batch.prompt_ids_BP,
+                    batch.prompt_mask_BP,
+                    params,
+                    eos_token_ids=eos_ids(self.tokenizer),
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    generator=generator,
+                    all_ranks_done=ranks_agree(self.trainer) if getattr(self, "trainer", None) else None,
+                )
         finally:
             model.train(was_training)
         G = params.num_samples
@@ -249,6 +258,32 @@ class RolloutDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._epoch_position = {"epoch": state_dict["epoch"], "batches_done": state_dict["batches_done"]}
+
+
+def _is_sharded(trainer) -> bool:  # noqa: ANN001
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return trainer.world_size > 1 and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
+def ranks_agree(trainer) -> Callable[[bool], bool] | None:  # noqa: ANN001
+    """With a sharded student every decode step is a collective, so ranks stop together."""
+    if trainer is None or not _is_sharded(trainer):
+        return None
+    return lambda done: trainer.strategy.reduce_boolean_decision(done, all=True)
+
+
+def generation_context(trainer) -> contextlib.AbstractContextManager:  # noqa: ANN001
+    """FSDP (v1) keeps parameters flat and sharded outside its own forward, so calling the student
+    directly to generate needs them gathered first (the problem behind TRL issue 2580). FSDP2
+    (``fully_shard``, ModelParallelStrategy) gathers per layer in the student's own forward."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if trainer is None or not isinstance(trainer.strategy, FSDPStrategy):
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True)
 
 
 def rollout_seed(seed: int, step: int, rank: int, source: str) -> int:

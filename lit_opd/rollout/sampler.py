@@ -10,7 +10,8 @@ from torch.utils.data import DistributedSampler
 
 class ResumablePromptSampler(DistributedSampler):
     """Shuffles with ``seed + epoch``, gives rank r every world-size-th index, and on resume skips
-    the ``resume_skip`` indices this rank already consumed in ``resume_epoch``.
+    the ``resume_skip`` indices this rank already consumed in ``resume_epoch``. ``len()`` stays the
+    full epoch, because Lightning's restored batch counter already includes the skipped batches.
 
     It subclasses ``DistributedSampler`` so Lightning keeps it under DDP instead of wrapping it.
     """
@@ -36,4 +37,5 @@ class ResumablePromptSampler(DistributedSampler):
         return iter(mine[skip:])
 
     def __len__(self) -> int:
-        return self.num_samples - self._skip()
+        # The whole epoch, even when resuming: Lightning counts the restored batches towards it.
+        return self.num_samples

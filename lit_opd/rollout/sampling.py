@@ -9,6 +9,7 @@ same positions as the unpadded prompt would, and rows stop independently at thei
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +69,13 @@ def sample(
     eos_token_ids: list[int],
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    all_ranks_done: Callable[[bool], bool] | None = None,
 ) -> SampleOutput:
     """Complete every prompt ``params.num_samples`` times with a KV-cached decode loop.
 
     Rows of one prompt are adjacent in the output (prompt i → rows i*G .. i*G+G-1).
+    ``all_ranks_done`` turns this rank's "every row finished" into the decision of all ranks; a
+    sharded student (FSDP) needs it, because every rank must run the same number of forwards.
     The model must be a transformers-style causal LM (``input_ids``, ``attention_mask``,
     ``position_ids``, ``cache``, ``use_cache`` → ``.logits``, ``.cache``; transformers ≥ 5.24).
     """
@@ -91,7 +95,10 @@ def sample(
         valid.append(~finished_B)
         if params.stop_at_eos:
             finished_B = finished_B | torch.isin(tok_B, eos_ids)
-        if step == params.max_new_tokens - 1 or bool(finished_B.all()):
+        done = bool(finished_B.all())
+        if all_ranks_done is not None:
+            done = all_ranks_done(done)
+        if step == params.max_new_tokens - 1 or done:
             break
         mask_BL = torch.cat([mask_BL, (~finished_B).long()[:, None]], dim=1)
         out = model(

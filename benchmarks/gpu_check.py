@@ -1,0 +1,158 @@
+"""GPU path check: bf16 mixed precision, a 4-bit teacher, and FSDP, on ~0.5B-scale models built
+from a config (no download). Prints one table row per path: rollout tokens/s, median step time,
+peak GPU memory; appends the table to benchmarks/RESULTS.md with ``--record``.
+
+    python benchmarks/gpu_check.py            # on a CUDA machine (< 8 minutes on one H100/H200)
+    python benchmarks/gpu_check.py --dry-run  # tiny sizes on CPU: checks the script itself
+
+Models: student = Qwen3-0.6B layout (28 layers, h1024, vocab 151936), teacher = Qwen3-1.7B layout
+(28 layers, h2048), both random init; the character tokenizer feeds them. Random models rarely
+emit EOS, so every completion runs to max_new_tokens — the worst case for a rollout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+
+from lit_opd import HFTeacher, ModelSpec, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
+from lit_opd.tasks import AdditionTask, char_tokenizer  # noqa: E402
+
+
+def qwen3_config(hidden: int, layers: int, inter: int, vocab: int, heads: int = 16, kv: int = 8) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+        max_position_embeddings=4096, pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True,
+    )
+
+
+def save_model(config: Qwen3Config, path: Path, tok) -> str:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step including its rollout (batch transfer happens before
+    on_train_batch_start, so time from the previous batch end)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+            self.tokens.append(batch.num_tokens)
+        self._last = now
+        self.rollout_s = getattr(self, "rollout_s", []) + [batch.rollout_seconds]
+
+
+def run_path(name: str, student: str, teacher: ModelSpec, trainer_kwargs: dict, steps: int, batch: int,
+             new_tokens: int) -> dict:
+    tok = char_tokenizer()
+    module = OPDModule(student, HFTeacher(teacher), tokenizer=tok, beta=0.5, chunk_size=1024)
+    data = RolloutDataModule(
+        TaskPrompts(AdditionTask(1, 3), num_rows=4096), val_size=0, batch_size=batch,
+        sampling=SamplingParams(max_new_tokens=new_tokens), tokenizer=None,
+    )
+    timer = StepTimer()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0, **trainer_kwargs)
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    wall = time.perf_counter() - start
+    step_s = statistics.median(timer.times) if timer.times else float("nan")
+    rollout_s = statistics.median(timer.rollout_s[1:]) if len(timer.rollout_s) > 1 else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return {
+        "path": name, "step_s": step_s, "rollout_tok_s": batch * new_tokens / rollout_s,
+        "train_tok_s": statistics.median(t / s for t, s in zip(timer.tokens, timer.times)) if timer.times else 0,
+        "peak_gib": peak, "wall_s": wall, "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="tiny models on CPU")
+    parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--paths", default="bf16,bf16_4bit_teacher,fsdp")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available() and not args.dry_run
+    if not gpu and not args.dry_run:
+        sys.exit("no CUDA device: run with --dry-run to check the script on CPU")
+    tok = char_tokenizer()
+    if gpu:
+        student_cfg = qwen3_config(1024, 28, 3072, 151936)
+        teacher_cfg = qwen3_config(2048, 28, 6144, 151936)
+        batch, new_tokens, accel = 16, 128, dict(accelerator="gpu", devices=1)
+    else:
+        student_cfg = qwen3_config(64, 2, 128, 256, heads=4, kv=2)
+        teacher_cfg = qwen3_config(96, 2, 192, 256, heads=4, kv=2)
+        batch, new_tokens, accel = 4, 8, dict(accelerator="cpu", devices=1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        student = save_model(student_cfg, Path(tmp) / "student", tok)
+        teacher_dir = save_model(teacher_cfg, Path(tmp) / "teacher", tok)
+        bf16 = "bf16-mixed" if gpu else "32-true"
+        plans = {
+            "bf16": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16)),
+            "bf16_4bit_teacher": (ModelSpec(teacher_dir, dtype="bfloat16", quantization="4bit"),
+                                  dict(precision=bf16)),
+            "fsdp": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16, strategy="fsdp")),
+        }
+        for name in args.paths.split(","):
+            teacher, extra = plans[name]
+            if not gpu and name == "fsdp":
+                print("skip fsdp on CPU (Lightning's FSDP needs a GPU)")
+                continue
+            try:
+                rows.append(run_path(name, student, teacher, {**accel, **extra}, args.steps, batch, new_tokens))
+            except Exception as err:  # report every path, even when one fails
+                rows.append({"path": name, "error": f"{type(err).__name__}: {err}"[:300]})
+            if gpu:
+                torch.cuda.empty_cache()
+    table = render(rows, gpu)
+    print(table)
+    if args.record:
+        with open(Path(__file__).parent / "RESULTS.md", "a") as fh:
+            fh.write(table + "\n")
+
+
+def render(rows: list[dict], gpu: bool) -> str:
+    device = torch.cuda.get_device_name(0) if gpu else "CPU (dry run)"
+    lines = [f"\n### GPU path check — {datetime.date.today()} — {device}\n",
+             "| path | median step (s) | rollout tok/s | train tok/s | peak GPU mem (GiB) | loss | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['path']} | – | – | – | – | – | FAILED: {r['error']} |")
+        else:
+            lines.append(f"| {r['path']} | {r['step_s']:.3f} | {r['rollout_tok_s']:.0f} | {r['train_tok_s']:.0f} | "
+                         f"{r['peak_gib']:.2f} | {r['loss']:.4f} | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
