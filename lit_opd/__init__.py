@@ -4,6 +4,7 @@ Data flow of one step: prompts (RolloutDataModule) → rollout with the current 
 teacher scoring → divergence / sampled-token objective → optimizer step.
 """
 
+from lit_opd.cliff import lambda_star, lambda_star_kary, q_star
 from lit_opd.methods import OPDModule, PolicyModule, SFTModule
 from lit_opd.models import ModelSpec
 from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule, TaskPrompts
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "OPDModule", "SFTModule", "PolicyModule", "ModelSpec", "RolloutDataModule", "JsonlPrompts",
     "ListPrompts", "TaskPrompts", "HFTeacher", "Teacher", "RolloutBatch", "SamplingParams",
-    "TeacherCapability", "TeacherOutput",
+    "TeacherCapability", "TeacherOutput", "lambda_star", "lambda_star_kary", "q_star",
 ]
