@@ -4,6 +4,7 @@ Data flow of one step: prompts (RolloutDataModule) → rollout with the current 
 teacher scoring → divergence / sampled-token objective → optimizer step.
 """
 
+from lit_opd.callbacks import AccuracyReport, EffOPDCallback, UpdateDynamicsCallback
 from lit_opd.cliff import lambda_star, lambda_star_kary, q_star
 from lit_opd.methods import OPDModule, PolicyModule, SFTModule
 from lit_opd.models import ModelSpec
@@ -17,4 +18,5 @@ __all__ = [
     "OPDModule", "SFTModule", "PolicyModule", "ModelSpec", "RolloutDataModule", "JsonlPrompts",
     "ListPrompts", "TaskPrompts", "HFTeacher", "Teacher", "RolloutBatch", "SamplingParams",
     "TeacherCapability", "TeacherOutput", "lambda_star", "lambda_star_kary", "q_star",
+    "AccuracyReport", "EffOPDCallback", "UpdateDynamicsCallback",
 ]

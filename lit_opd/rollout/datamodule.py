@@ -27,9 +27,7 @@ from lit_opd.rollout.sampling import sample
 from lit_opd.rollout.sources import PromptSource
 from lit_opd.types import PromptBatch, RolloutBatch, SamplingParams
 
-# Lightning warns that a mid-epoch resume is unreliable unless the DataLoader is stateful; here the
-# DataModule's state_dict restores the exact prompt position (ResumablePromptSampler), so it is not.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -135,6 +133,9 @@ class RolloutDataModule(L.LightningDataModule):
                 f"RolloutDataModule has {len(self.train_rows)} training prompts, fewer than "
                 f"batch_size={self.batch_size}; lower batch_size or add prompts"
             )
+        # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader is stateful;
+        # here the DataModule's state_dict restores the exact prompt position, so it is not.
+        warnings.filterwarnings("ignore", message=RESUME_WARNING)
         trainer = getattr(self, "trainer", None)
         sampler = ResumablePromptSampler(
             len(self.train_rows),

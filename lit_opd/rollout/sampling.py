@@ -9,6 +9,7 @@ same positions as the unpadded prompt would, and rows stop independently at thei
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,6 +61,15 @@ def pick_tokens(
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; accept both generations."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):  # noqa: ANN001, ANN201 - a transformers ModelOutput and its Cache
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -77,12 +87,13 @@ def sample(
     ``all_ranks_done`` turns this rank's "every row finished" into the decision of all ranks; a
     sharded student (FSDP) needs it, because every rank must run the same number of forwards.
     The model must be a transformers-style causal LM (``input_ids``, ``attention_mask``,
-    ``position_ids``, ``cache``, ``use_cache`` → ``.logits``, ``.cache``; transformers ≥ 5.24).
+    ``position_ids``, ``cache`` (or ``past_key_values``), ``use_cache`` → ``.logits`` and the cache).
     """
     ids_BP = prompt_ids_BP.repeat_interleave(params.num_samples, dim=0)
     mask_BL = prompt_mask_BP.repeat_interleave(params.num_samples, dim=0).long()
     positions_BP = (mask_BL.cumsum(-1) - 1).clamp(min=0)
     eos_ids = torch.tensor(eos_token_ids, device=ids_BP.device)
+    cache_arg = cache_kwarg(model)
     out = model(input_ids=ids_BP, attention_mask=mask_BL, position_ids=positions_BP, use_cache=True)
     next_pos_B1 = positions_BP[:, -1:] + 1
     finished_B = torch.zeros(ids_BP.shape[0], dtype=torch.bool, device=ids_BP.device)
@@ -105,8 +116,8 @@ def sample(
             input_ids=tok_B[:, None],
             attention_mask=mask_BL,
             position_ids=next_pos_B1,
-            cache=out.cache,
             use_cache=True,
+            **{cache_arg: returned_cache(out)},
         )
         next_pos_B1 = next_pos_B1 + 1
     mask_BT = torch.stack(valid, dim=1)

@@ -1,0 +1,84 @@
+"""EffOPD under ``strategy="ddp"``, 2 CPU processes (gloo); run by tests/integration/test_eff_opd_fit.py.
+
+    python tests/integration/scripts/ddp_effopd.py STUDENT_DIR TEACHER_DIR OUT_DIR
+
+The held-out score is deliberately rank-dependent: rank 0 rates its n-th call 2n (always better),
+rank 1 rates it −n (always worse). On its own rank 1 would reject every trial while rank 0 accepted
+all five; the callback averages the scores over ranks (n/2, rising), so both must accept all of
+them and end with the same weights. Each rank writes ``OUT_DIR/rank{r}.json``: its raw scores, the
+callback's history and its student checksum before and after training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lit_opd import HFTeacher, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts
+from lit_opd.callbacks.eff_opd import EffOPDCallback
+from lit_opd.tasks import AdditionTask
+
+
+def checksum(module: torch.nn.Module) -> str:
+    blob = b"".join(p.detach().cpu().float().numpy().tobytes() for p in module.parameters())
+    return hashlib.sha256(blob).hexdigest()
+
+
+class RankSkewedScore:
+    def __init__(self) -> None:
+        self.raw: list[float] = []
+
+    def __call__(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        n = len(self.raw) + 1
+        self.raw.append(2.0 * n if trainer.global_rank == 0 else -float(n))
+        return self.raw[-1]
+
+
+class Record(L.Callback):
+    def __init__(self, out_dir: Path, effopd: EffOPDCallback, score: RankSkewedScore) -> None:
+        self.out_dir, self.effopd, self.score, self.initial = out_dir, effopd, score, None
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.initial = checksum(pl_module.student)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "raw_scores": self.score.raw,
+            "history": [{k: v for k, v in r.items() if k != "seconds"} for r in self.effopd.history],
+            "initial": self.initial,
+            "final": checksum(pl_module.student),
+        }
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def main() -> None:
+    student, teacher, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    L.seed_everything(0)
+    module = OPDModule(
+        student, HFTeacher(teacher), loss="divergence", divergence="jsd",
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )
+    data = RolloutDataModule(
+        TaskPrompts(AdditionTask(1, 2), num_rows=64), val_size=0, batch_size=4,
+        sampling=SamplingParams(max_new_tokens=6),
+    )
+    score = RankSkewedScore()
+    effopd = EffOPDCallback(score_fn=score)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[effopd, Record(out, effopd, score)],
+    )
+    trainer.fit(module, data)
+
+
+if __name__ == "__main__":
+    main()
