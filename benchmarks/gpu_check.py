@@ -138,6 +138,8 @@ def main() -> None:
     if args.record:
         with open(Path(__file__).parent / "RESULTS.md", "a") as fh:
             fh.write(table + "\n")
+    if os.environ.get("OUT"):  # the device tool returns files written under $OUT
+        Path(os.environ["OUT"], "gpu_check.md").write_text(table + "\n")
 
 
 def render(rows: list[dict], gpu: bool) -> str:
