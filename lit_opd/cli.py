@@ -1,4 +1,5 @@
-"""``python -m lit_opd fit|validate|test --config x.yaml`` and ``python -m lit_opd export``.
+"""``python -m lit_opd fit|validate|test --config x.yaml``, ``python -m lit_opd export`` and
+``python -m lit_opd calibrate`` (ListOPD's λ*, :func:`lit_opd.calibration.calibrate_main`).
 
 LightningCLI in subclass mode: ``model`` is any :class:`PolicyModule` (OPDModule, SFTModule, ...)
 and ``data`` any RolloutDataModule, both given as ``class_path`` + ``init_args``.
@@ -26,6 +27,11 @@ def cli_main(args: ArgsType = None, run: bool = True) -> OPDCLI | None:
     if argv and argv[0] == "export":
         export_main(argv[1:])
         return None
+    if argv and argv[0] == "calibrate":
+        from lit_opd.calibration import calibrate_main
+
+        calibrate_main(argv[1:])
+        return None
     return OPDCLI(
         PolicyModule,
         RolloutDataModule,
@@ -40,21 +46,31 @@ def cli_main(args: ArgsType = None, run: bool = True) -> OPDCLI | None:
 
 
 def export_main(argv: list[str]) -> None:
-    """``export --ckpt_path CKPT --out DIR``: the student (and tokenizer) in Hugging Face format."""
+    """``export --ckpt_path CKPT --out DIR``: the student (and tokenizer) in Hugging Face format.
+
+    A LoRA student is merged into its base (reloaded from the recorded spec, or ``--base``);
+    ``--adapters_only true`` writes the peft adapter directory instead."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="python -m lit_opd export", description=export_main.__doc__)
     parser.add_argument("--ckpt_path", type=str, required=True, help="a lit_opd checkpoint (.ckpt)")
     parser.add_argument("--out", type=str, required=True, help="directory to write (must be empty or new)")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace files in a non-empty --out")
+    parser.add_argument("--adapters_only", type=bool, default=False,
+                        help="LoRA checkpoints: write the peft adapter dir instead of the merged model")
+    parser.add_argument("--base", type=str | None, default=None,
+                        help="LoRA checkpoints: base model path/hub id (default: the checkpoint's record)")
     cfg = parser.parse_args(argv)
     from lit_opd.export import export_checkpoint
 
     try:
-        out = export_checkpoint(cfg.ckpt_path, cfg.out, overwrite=cfg.overwrite)
-    except (OSError, ValueError) as err:  # one clear line, no traceback, nothing written
+        out = export_checkpoint(
+            cfg.ckpt_path, cfg.out, overwrite=cfg.overwrite, adapters_only=cfg.adapters_only, base=cfg.base
+        )
+    except (OSError, ValueError, ImportError) as err:  # one clear line, no traceback, nothing written
         parser.error(str(err))
-    print(f"exported student to {out}")
+    what = "LoRA adapters" if cfg.adapters_only else "student"
+    print(f"exported {what} to {out}")
 
 
 def main() -> None:

@@ -159,7 +159,7 @@ def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
-def _rows_divergence(
+def rows_divergence(
     student_logits: Tensor, teacher_logits: Tensor, kind: str, beta: float, alpha: float, temperature: float
 ) -> Tensor:
     """Per-row divergence from logits (..., V) -> (...)."""
@@ -194,7 +194,7 @@ def logits_divergence(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is None:
-        values_BT = _rows_divergence(student_logits, teacher_logits, kind, beta, alpha, temperature)
+        values_BT = rows_divergence(student_logits, teacher_logits, kind, beta, alpha, temperature)
         return reduce_masked(values_BT, mask, reduction)
     return _chunked_divergence(
         student_logits, teacher_logits, kind, beta, alpha, mask, temperature, reduction, chunk_size
@@ -228,9 +228,9 @@ def _chunked_divergence(
         args = (s_logits_NV[rows], t_logits_NV[rows], kind, beta, alpha, temperature)
         if use_ckpt:
             # no randomness inside, so the RNG state need not be stashed per chunk
-            chunks.append(checkpoint(_rows_divergence, *args, use_reentrant=False, preserve_rng_state=False))
+            chunks.append(checkpoint(rows_divergence, *args, use_reentrant=False, preserve_rng_state=False))
         else:
-            chunks.append(_rows_divergence(*args))
+            chunks.append(rows_divergence(*args))
     dtype = _compute_dtype(student_logits_BTV)
     # N == 0: an empty, graph-connected row sum keeps the all-masked result differentiable.
     values_N = torch.cat(chunks) if chunks else s_logits_NV.to(dtype).sum(-1)

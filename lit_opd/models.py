@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from lit_opd.lora import LoraSpec, apply_lora, require_peft
 from lit_opd.types import RolloutBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,6 +34,9 @@ class ModelSpec:
         tokenizer: tokenizer path when it differs from ``path``.
         random_init: build the architecture in ``path``'s config.json with fresh random weights
             (train a model from scratch, e.g. the quickstart's teacher).
+        lora: train LoRA adapters on the frozen model instead of all its weights (:class:`LoraSpec`,
+            needs ``pip install 'lit_opd[lora]'``); with ``quantization`` this is QLoRA. Meant for
+            students; see :mod:`lit_opd.lora`.
     """
 
     path: str
@@ -43,16 +47,22 @@ class ModelSpec:
     trust_remote_code: bool = False
     tokenizer: str | None = None
     random_init: bool = False
+    lora: LoraSpec | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"ModelSpec.dtype={self.dtype!r} is not one of {sorted(DTYPES) + ['auto']}")
         if self.quantization not in (None, "8bit", "4bit"):
             raise ValueError(f"ModelSpec.quantization={self.quantization!r}: use null, '8bit' or '4bit'")
+        if self.lora is not None and self.random_init:
+            raise ValueError("ModelSpec.lora needs pretrained base weights; it cannot go with random_init")
 
     def identity(self) -> dict:
         """What a checkpoint records to recognise this model again on resume."""
-        return asdict(self)
+        ident = asdict(self)
+        if ident["lora"] is None:  # identities recorded before the field existed stay equal
+            del ident["lora"]
+        return ident
 
 
 def as_spec(model: ModelSpec | str) -> ModelSpec:
@@ -82,6 +92,8 @@ def load_causal_lm(model: ModelSpec | str | nn.Module) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     spec = as_spec(model)
+    if spec.lora is not None:
+        require_peft()  # fail before loading the base
     kwargs: dict = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     kwargs["dtype"] = "auto" if spec.dtype == "auto" else DTYPES[spec.dtype]
     if spec.attn_implementation:
@@ -93,12 +105,13 @@ def load_causal_lm(model: ModelSpec | str | nn.Module) -> nn.Module:
         if spec.random_init:
             config = AutoConfig.from_pretrained(spec.path, **{k: kwargs[k] for k in ("revision", "trust_remote_code")})
             return AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"] if spec.dtype != "auto" else None)
-        return AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
     except OSError as err:
         raise OSError(
             f"Could not load model {spec.path!r}: {err}. Point `path` at a local directory written by "
             "`save_pretrained` (or by `python -m lit_opd export`), or at a hub id you can reach."
         ) from err
+    return apply_lora(model, spec.lora, spec.revision) if spec.lora is not None else model
 
 
 def load_tokenizer(

@@ -150,9 +150,14 @@ class TeacherOutput:
         logits_BTV: float (B, T, V), logits predicting completion token t (full-logit teachers).
         topk_logp_BTK / topk_ids_BTK: (B, T, K) the teacher's top-k log-probs and their ids.
         token_logp_BT: float (B, T) log-prob of the sampled completion tokens.
+        hidden_BTH / head_weight_VH: the last hidden states that predict each completion token and
+            the output layer's weight (a local teacher asked for the memory-lean path; logits are
+            then ``hidden_BTH @ head_weight_VHᵀ``, computed chunk by chunk inside the loss).
     """
 
     logits_BTV: Tensor | None = None
     topk_logp_BTK: Tensor | None = None
     topk_ids_BTK: Tensor | None = None
     token_logp_BT: Tensor | None = None
+    hidden_BTH: Tensor | None = None
+    head_weight_VH: Tensor | None = None

@@ -18,7 +18,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from lit_opd.models import ModelSpec, check_model_vocab, load_causal_lm, load_tokenizer
+from lit_opd import lora
+from lit_opd.models import ModelSpec, as_spec, check_model_vocab, load_causal_lm, load_tokenizer
 from lit_opd.types import RolloutBatch
 
 
@@ -30,7 +31,8 @@ class PolicyModule(L.LightningModule):
     """Base of every method: owns the student (``policy``) and its tokenizer.
 
     Args:
-        student: a :class:`ModelSpec`, a path / hub id, or (from Python) an ``nn.Module``.
+        student: a :class:`ModelSpec`, a path / hub id, or (from Python) an ``nn.Module``. With
+            ``ModelSpec.lora`` (or a peft ``PeftModel``) only the adapters train and are checkpointed.
         tokenizer: tokenizer path or object; defaults to the one stored with ``student``.
         optimizer: optimizer factory, ``params -> Optimizer`` (``class_path`` in YAML).
         scheduler: optional LR scheduler factory, stepped every optimizer step.
@@ -50,6 +52,10 @@ class PolicyModule(L.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer, student)
         check_model_vocab(self.student, self.tokenizer, "student")
         self.student_spec = None if isinstance(student, nn.Module) else student
+        if lora.is_peft_model(self.student):
+            # Checkpoints hold only the adapters; the frozen base (4-bit quant state included) stays
+            # as loaded here. on_load_checkpoint checks the adapter keys itself.
+            self.strict_loading = False
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_accuracy = MeanMetric()
         self.val_length = MeanMetric()
@@ -57,8 +63,9 @@ class PolicyModule(L.LightningModule):
 
     @property
     def policy(self) -> nn.Module:
-        """The model that generates rollouts: the student, with its current weights."""
-        return self.student
+        """The model that generates rollouts: the student, with its current weights (for a LoRA
+        student, the transformers model inside the PeftModel, adapters in place and active)."""
+        return lora.unwrap(self.student)
 
     def completion_source(self) -> str:
         """Where this training step's completions come from: "student" (on-policy) by default."""
@@ -120,14 +127,29 @@ class PolicyModule(L.LightningModule):
     # ----- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only the student's weights: frozen teachers/references are rebuilt from their specs.
+        # A LoRA student keeps only its adapters; the frozen base is rebuilt from the spec.
         state = checkpoint["state_dict"]
-        for key in [k for k in state if not k.startswith("student.")]:
+        peft = lora.is_peft_model(self.student)
+        keep = lora.trainable_keys(self.student, "student.") if peft else None
+        for key in [k for k in state if not k.startswith("student.") or (keep is not None and k not in keep)]:
             del state[key]
         info = checkpoint.setdefault("lit_opd", {})
         info["student_config"] = self.student.config.to_dict() if hasattr(self.student, "config") else None
         info["tokenizer_files"] = tokenizer_files(self.tokenizer)
+        info["student_spec"] = self._student_identity()
+        if peft:
+            info["peft"] = lora.peft_record(self.student)
+
+    def _student_identity(self) -> dict | None:
+        return None if self.student_spec is None else as_spec(self.student_spec).identity()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        current = lora.peft_record(self.student) if lora.is_peft_model(self.student) else None
+        lora.check_resume(checkpoint.get("lit_opd", {}), current, self._student_identity())
+        if current is not None:
+            adapters = lora.trainable_keys(self.student, "student.")
+            lora.check_adapter_keys(set(checkpoint["state_dict"]), adapters)
+            return
         # The saved state dict holds only student weights; other registered buffers keep their init.
         own = self.state_dict()
         for key, value in own.items():

@@ -22,7 +22,7 @@ Run: ``python -m lit_opd fit --config configs/quickstart.yaml``.
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_opd import divergences as D
 from lit_opd import objectives as O
+from lit_opd.lean_loss import completion_hidden, hidden_divergence, plain_head
 from lit_opd.methods.base import PolicyModule, default_optimizer
 from lit_opd.models import ModelSpec, check_tokenizers_compatible, completion_logits, freeze, load_causal_lm
 from lit_opd.teachers.base import Teacher, check_capability
@@ -50,7 +51,9 @@ class OPDModule(PolicyModule):
         alpha: skew KL mixing weight.
         temperature: divides both models' logits inside the divergence.
         top_k: compare on the teacher's top-k tokens plus a tail bucket (None = full vocabulary).
-        chunk_size: tokens per chunk of the memory-lean divergence path (None = all at once).
+        chunk_size: completion tokens per chunk of the memory-lean path (None = all at once). With
+            a plain-linear-head student and teacher the loss is then computed from hidden states
+            (lit_opd.lean_loss): no [B, T, V] logits tensor of either model is ever held.
         reduction: "token_mean" (GKD/TRL), "seq_mean" or "sum".
         estimator: for ``loss="sampled"``: "importance_sampling" (Tinker) or "ppo" (verl).
         kl_coef: κ, scale of the reverse-KL reward.
@@ -63,6 +66,9 @@ class OPDModule(PolicyModule):
         seed: seed of the on/off-policy draw.
         allow_teacher_change: resume from a checkpoint made with another teacher.
     """
+
+    #: Build the frozen reference even at ``lambda_ == 1`` (a subclass whose loss always needs it).
+    needs_reference: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -111,7 +117,7 @@ class OPDModule(PolicyModule):
         self.allow_teacher_change = allow_teacher_change
         # Frozen helpers live in a list so they are not registered: never optimised or saved.
         self._frozen: dict[str, nn.Module] = {}
-        if loss == "sampled" and lambda_ != 1.0:
+        if loss == "sampled" and (lambda_ != 1.0 or self.needs_reference):
             ref = load_causal_lm(reference) if reference is not None else copy.deepcopy(self.student)
             self._frozen["reference"] = freeze(ref)
 
@@ -146,6 +152,11 @@ class OPDModule(PolicyModule):
     def teacher_generator(self) -> nn.Module:
         return self.teacher.model
 
+    @property
+    def reference(self) -> nn.Module | None:
+        """π_ref of G-OPD (frozen; the student's initial weights unless ``reference`` was given), or None."""
+        return self._frozen.get("reference")
+
     # ----- device placement of frozen models ------------------------------------------------
     def _place_frozen(self) -> None:
         self.teacher.to(self.device)
@@ -163,24 +174,52 @@ class OPDModule(PolicyModule):
 
     # ----- the step -------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
-        teacher_out = self.teacher.score(batch)
+        teacher_out = self.score_teacher(batch)
         loss, metrics = self.loss(batch, teacher_out)
+        metrics.update(self.rollout_metrics(batch))
         self.log_rollout(batch, {"loss": loss.detach(), **metrics})
         return loss
+
+    def rollout_metrics(self, batch: RolloutBatch) -> dict[str, torch.Tensor | float]:
+        """Extra per-step diagnostics of the training rollouts, logged as ``train/<key>`` (none here)."""
+        return {}
+
+    def score_teacher(self, batch: RolloutBatch) -> TeacherOutput:
+        """The teacher's judgement; hidden states instead of logits when the lean path applies."""
+        if self.chunk_size is not None and self.top_k is None and plain_head(self.student):
+            lean = getattr(self.teacher, "score_hidden", lambda _: None)(batch)
+            if lean is not None:
+                return lean
+        return self.teacher.score(batch)
 
     def loss(self, batch: RolloutBatch, teacher_out: TeacherOutput) -> tuple[torch.Tensor, dict]:
         """The objective on one RolloutBatch, and diagnostics (detached) to log."""
         mask_BT = batch.completion_mask_BT
-        student_logits_BTV = completion_logits(self.student, batch)
-        student_logp_BT = D.token_logprobs(student_logits_BTV, batch.completion_ids_BT)
-        teacher_logp_BT = self._teacher_token_logp(batch, teacher_out)
+        if teacher_out.hidden_BTH is not None:  # memory-lean: no [B, T, V] tensor for either model
+            terms = hidden_divergence(
+                completion_hidden(self.student, batch), self.student.get_output_embeddings().weight,
+                teacher_out.hidden_BTH, teacher_out.head_weight_VH, batch.completion_ids_BT, mask_BT,
+                kind=self.divergence if self.loss_mode == "divergence" else None, beta=self.beta,
+                alpha=self.alpha, temperature=self.temperature, reduction=self.reduction,
+                chunk_size=self.chunk_size,
+            )
+            divergence, student_logp_BT = terms.loss, terms.student_logp_BT
+            teacher_logp_BT, entropy_BT = terms.teacher_logp_BT, terms.entropy_BT
+        else:
+            student_logits_BTV = completion_logits(self.student, batch)
+            student_logp_BT = D.token_logprobs(student_logits_BTV, batch.completion_ids_BT)
+            teacher_logp_BT = self._teacher_token_logp(batch, teacher_out)
+            entropy_BT = D.entropy(student_logits_BTV.detach())
+            divergence = None
+            if self.loss_mode == "divergence":
+                divergence = self._divergence_loss(student_logits_BTV, teacher_out, mask_BT)
         if self.loss_mode == "divergence":
-            loss, metrics = self._divergence_loss(student_logits_BTV, teacher_out, mask_BT), {}
+            loss, metrics = divergence, {}
         else:
             loss, metrics = self._sampled_loss(batch, student_logp_BT, teacher_logp_BT)
         with torch.no_grad():
             metrics["teacher_kl"] = D.reduce_masked(student_logp_BT - teacher_logp_BT, mask_BT)
-            metrics["entropy"] = D.reduce_masked(D.entropy(student_logits_BTV.detach()), mask_BT)
+            metrics["entropy"] = D.reduce_masked(entropy_BT, mask_BT)
         return loss, metrics
 
     def _teacher_token_logp(self, batch: RolloutBatch, out: TeacherOutput) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_opd.models import ModelSpec, as_spec, completion_logits, freeze, load_causal_lm, load_tokenizer
+from lit_opd.lean_loss import completion_hidden, plain_head
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
 
@@ -43,6 +44,17 @@ class HFTeacher(Teacher):
     @torch.no_grad()
     def score(self, batch: RolloutBatch) -> TeacherOutput:
         return TeacherOutput(logits_BTV=completion_logits(self.model, batch))
+
+    @torch.no_grad()
+    def score_hidden(self, batch: RolloutBatch) -> TeacherOutput | None:
+        """Hidden states and output weight instead of logits (the memory-lean loss path), or None
+        when this model's logits are not a plain linear map of its last hidden state."""
+        if not plain_head(self.model):
+            return None
+        return TeacherOutput(
+            hidden_BTH=completion_hidden(self.model, batch),
+            head_weight_VH=self.model.get_output_embeddings().weight,
+        )
 
     def identity(self) -> dict:
         ident = {"class": type(self).__name__, "name": self.name}

@@ -241,18 +241,18 @@ def test_chunked_equals_unchunked(kind, chunk_size, reduction):
 def test_chunked_without_mask_and_recomputes_in_backward(monkeypatch):
     s, t, _ = _inputs(dtype=torch.float32)
     calls = []
-    original = D._rows_divergence
+    original = D.rows_divergence
 
     def counting(*args):
         calls.append(args[0].shape[0])
         return original(*args)
 
-    monkeypatch.setattr(D, "_rows_divergence", counting)
+    monkeypatch.setattr(D, "rows_divergence", counting)
     out = logits_divergence(s, t, chunk_size=4)
     assert calls == [4, 4, 4, 3]  # N = B*T = 15 rows, never more than chunk_size at once
     out.backward()
     assert len(calls) == 8  # checkpoint recomputed each chunk in backward
-    monkeypatch.setattr(D, "_rows_divergence", original)
+    monkeypatch.setattr(D, "rows_divergence", original)
     torch.testing.assert_close(out, logits_divergence(s, t), rtol=0, atol=1e-6)
 
 
