@@ -34,7 +34,17 @@ def plain_head(model: nn.Module) -> bool:
         return False
     if not head.weight.dtype.is_floating_point or head.weight.dim() != 2:  # e.g. a packed 4-bit head
         return False
+    if _is_dtensor(head.weight):  # FSDP2 shards it outside forward: use the logits path
+        return False
     return all(getattr(config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor) or isinstance(getattr(tensor, "data", None), DTensor)
 
 
 def completion_hidden(model: nn.Module, batch: RolloutBatch) -> Tensor:

@@ -67,6 +67,22 @@ class PolicyModule(L.LightningModule):
         student, the transformers model inside the PeftModel, adapters in place and active)."""
         return lora.unwrap(self.student)
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` shard the student FSDP2-style: every decoder layer, then
+        the root, over the data-parallel mesh. Generation keeps working because each forward
+        gathers its layer's shards (ranks stop decoding together, see ``rollout.ranks_agree``).
+        Teachers and references stay replicated."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        for layer in self.policy.get_decoder().layers:
+            fully_shard(layer, mesh=dp_mesh)
+        fully_shard(self.student, mesh=dp_mesh)
+        self._sharded = True
+
     def completion_source(self) -> str:
         """Where this training step's completions come from: "student" (on-policy) by default."""
         return "student"

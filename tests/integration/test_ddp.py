@@ -1,4 +1,6 @@
-"""DDP on CPU (gloo, 2 processes): each rank rolls out its own prompts, gradients are averaged.
+"""DDP and FSDP2 on CPU (gloo, 2 processes): each rank rolls out its own prompts, gradients are
+averaged; under ModelParallelStrategy the student is sharded with ``fully_shard`` and still
+generates (every decode step gathers its shards; ranks stop decoding together).
 
 Runs ``strategy="ddp"`` only in a subprocess with a clean environment and a fresh MASTER_PORT
 (ENV.md §3: in-process ddp under pytest re-runs pytest as rank 1 and leaks the process group).
@@ -17,13 +19,14 @@ pytestmark = pytest.mark.integration
 SCRIPT = REPO / "tests" / "integration" / "scripts" / "ddp_fit.py"
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory, student_dir, teacher_dir):
-    out = tmp_path_factory.mktemp("ddp")
+@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
+def ranks(request, tmp_path_factory, student_dir, teacher_dir):
+    out = tmp_path_factory.mktemp(request.param)
     env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = run([str(SCRIPT), student_dir, teacher_dir, str(out)], timeout=120, env=env)
+    proc = run([str(SCRIPT), student_dir, teacher_dir, str(out), request.param], timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(rec["sharded"] == (request.param == "fsdp2") for rec in records)
     return records
 
 

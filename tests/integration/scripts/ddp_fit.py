@@ -1,6 +1,8 @@
-"""OPD with ``strategy="ddp"``, 2 CPU processes (gloo); run by tests/integration/test_ddp.py.
+"""OPD with 2 CPU processes (gloo): ``strategy="ddp"``, or with ``fsdp2`` Lightning's
+ModelParallelStrategy where ``configure_model`` shards the student with ``fully_shard``.
+Run by tests/integration/test_ddp.py.
 
-    python tests/integration/scripts/ddp_fit.py STUDENT_DIR TEACHER_DIR OUT_DIR
+    python tests/integration/scripts/ddp_fit.py STUDENT_DIR TEACHER_DIR OUT_DIR [ddp|fsdp2]
 
 Lightning re-executes this script for rank 1. Each rank writes ``OUT_DIR/rank{r}.json``: the
 prompt rows and completion tokens it trained on at every step, its student checksum before and
@@ -22,7 +24,9 @@ from lit_opd.tasks import AdditionTask
 
 
 def checksum(module: torch.nn.Module) -> dict:
-    params = [p.detach().cpu().float() for p in module.parameters()]
+    # Sharded parameters are gathered first (a collective: every rank calls this).
+    params = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().float()
+              for p in module.parameters()]
     blob = b"".join(p.numpy().tobytes() for p in params)
     return {"sha256": hashlib.sha256(blob).hexdigest(), "sum": float(sum(p.double().sum() for p in params))}
 
@@ -49,12 +53,18 @@ class Record(L.Callback):
             "steps": self.steps,
             "initial": self.initial,
             "final": checksum(pl_module.student),
+            "sharded": any(hasattr(p, "full_tensor") for p in pl_module.student.parameters()),
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 def main() -> None:
     student, teacher, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    strategy = sys.argv[4] if len(sys.argv) > 4 else "ddp"
+    if strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     L.seed_everything(0)
     module = OPDModule(
         student, HFTeacher(teacher), loss="divergence", divergence="jsd",
@@ -65,7 +75,7 @@ def main() -> None:
         sampling=SamplingParams(max_new_tokens=6),
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record(out)],
     )

@@ -1,0 +1,132 @@
+"""Rollout throughput: lit_opd's KV-cached sampler against Hugging Face ``generate``.
+
+Same model, prompts, sampling settings (temperature 1, no top-k/top-p) and exactly the same amount
+of work: every row generates ``max_new_tokens`` tokens (EOS disabled on both sides). Runs are
+interleaved (ours, HF, ours, HF, …) and the median of each is compared.
+
+    python benchmarks/bench_rollout.py            # batch 16 and 64 × 32 and 128 new tokens
+    python benchmarks/bench_rollout.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+
+from lit_opd.rollout.sampling import sample  # noqa: E402
+from lit_opd.tasks import AdditionTask, char_tokenizer  # noqa: E402
+from lit_opd.types import SamplingParams  # noqa: E402
+
+
+def models(device: str) -> dict[str, torch.nn.Module]:
+    """The quickstart student (0.35M parameters) and a 25M-parameter Qwen3 layout (h512, 8 layers)."""
+    torch.manual_seed(0)
+    mid = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=104, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, max_position_embeddings=512, pad_token_id=0, eos_token_id=3,
+        tie_word_embeddings=True))
+    small = AutoModelForCausalLM.from_pretrained(ROOT / "lit_opd/assets/addition/student")
+    return {"quickstart student (0.35M)": small.to(device).eval(), "Qwen3 h512 L8 (25M)": mid.to(device).eval()}
+
+
+def timed(fn) -> float:  # noqa: ANN001
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def compare(model, batch: int, new_tokens: int, repeats: int, device: str) -> dict:  # noqa: ANN001
+    tok = char_tokenizer()
+    rows = AdditionTask(1, 3).make_rows(batch, seed=0)
+    enc = tok([r["prompt"] for r in rows], padding=True, return_tensors="pt").to(device)
+    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
+
+    def ours() -> None:
+        out = sample(model, enc.input_ids, enc.attention_mask, params, [3], 0)
+        assert out.tokens_BT.shape == (batch, new_tokens)
+
+    def hf() -> None:
+        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=0, output_scores=True,
+                             return_dict_in_generate=True)
+        assert out.sequences.shape[1] == enc.input_ids.shape[1] + new_tokens
+
+    with torch.no_grad():
+        ours(), hf()  # warm-up
+        times = {"ours": [], "hf": []}
+        for _ in range(repeats):
+            times["ours"].append(timed(ours))
+            times["hf"].append(timed(hf))
+    tokens = batch * new_tokens
+    t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
+    return {"batch": batch, "new": new_tokens, "ours_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf,
+            "speedup": t_hf / t_ours}
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    labels = [f"{r['model'].split(' (')[0]}\nB{r['batch']}×{r['new']}" for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["ours_tok_s"] for r in rows], 0.4, label="lit_opd sample()")
+    ax.bar([i + 0.2 for i in x], [r["hf_tok_s"] for r in rows], 0.4, label="HF generate")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("generated tokens / s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--machine", default="2-core CPU")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(16, 32)] if args.quick else [(16, 32), (16, 128), (64, 32), (64, 128)]
+    rows = []
+    for name, model in models(device).items():
+        for batch, new in shapes:
+            row = {"model": name, **compare(model, batch, new, 1 if args.quick else args.repeats, device)}
+            print(row, flush=True)
+            rows.append(row)
+    lines = [f"\n## Rollout throughput — {datetime.date.today()} — {args.machine}\n",
+             f"`python benchmarks/bench_rollout.py` ({device}, {args.threads} threads, sampling at temperature 1, "
+             "every row generates exactly the new-token budget, median of interleaved repeats). "
+             "Plot: `benchmarks/rollout.png`.\n",
+             "| model | batch × new tokens | lit_opd tok/s | HF generate tok/s | speed-up |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['batch']} × {r['new']} | {r['ours_tok_s']:.0f} | {r['hf_tok_s']:.0f} | "
+              f"{r['speedup']:.2f}× |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if not args.no_record and not args.quick:
+        plot(rows, ROOT / "benchmarks" / "rollout.png")
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
+            fh.write(table)
+    print(f"RESULT rollout_speedup_vs_hf {statistics.median(r['speedup'] for r in rows):.3f}")
+
+
+if __name__ == "__main__":
+    main()
