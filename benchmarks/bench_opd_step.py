@@ -1,0 +1,238 @@
+"""OPD step time: lit_opd's OPDModule against TRL's DistillationTrainer and GKDTrainer.
+
+Identical tiny models (Qwen3 layout; student h64 × 2 layers, teacher h128 × 2 layers, random
+init, same seeds), the same character tokenizer with a chat template, the same chat prompts,
+batch 8, up to 32 new tokens sampled at temperature 1 (no top-k/top-p), JSD β = 0.5, AdamW at a
+constant lr 1e-4, fp32, same thread count. Runs are interleaved (lit_opd, TRL, GKD, lit_opd, …);
+per run the median wall time per optimizer step after a warm-up, then the median over runs.
+It also prints where lit_opd's step goes (rollout, teacher forward, student forward + loss,
+backward, optimizer, the rest) and the same work done with raw torch calls.
+
+    python benchmarks/bench_opd_step.py           # 3 rounds × 20 steps
+    python benchmarks/bench_opd_step.py --quick   # 1 round × 6 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from lit_opd import HFTeacher, ListPrompts, OPDModule, RolloutDataModule, SamplingParams  # noqa: E402
+from lit_opd.tasks import char_tokenizer  # noqa: E402
+from tests.helpers import make_tiny_model  # noqa: E402
+
+BATCH, NEW_TOKENS, LR, BETA = 8, 32, 1e-4, 0.5
+
+
+def prompts(n: int = 256) -> list[str]:
+    return [f"What is {i}+{i}?" for i in range(n)]
+
+
+class LitTimer(L.Callback):
+    """Wall time between consecutive step ends (covers prompt fetch, rollout and the update)."""
+
+    def __init__(self) -> None:
+        self.times, self.last, self.parts = [], None, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.parts.append({"rollout": batch.rollout_seconds})
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:  # noqa: ANN001
+        self.t_backward = time.perf_counter()
+
+    def on_after_backward(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.parts[-1]["backward"] = time.perf_counter() - self.t_backward
+        self.t_optim = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        now = time.perf_counter()
+        self.parts[-1]["optimizer"] = now - self.t_optim
+        if self.last is not None:
+            self.times.append(now - self.last)
+        self.last = now
+
+
+def timed_method(obj, name: str, parts: list[dict], key: str) -> None:  # noqa: ANN001
+    """Wrap ``obj.name`` so each call adds its wall time to ``parts[-1][key]``."""
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        parts[-1][key] = parts[-1].get(key, 0.0) + time.perf_counter() - start
+        return out
+
+    setattr(obj, name, wrapper)
+
+
+def run_lit(steps: int) -> dict:
+    tok = char_tokenizer(chat_template=True)
+    student, teacher = make_tiny_model(len(tok), 64, 2, seed=0), make_tiny_model(len(tok), 128, 2, seed=1)
+    module = OPDModule(student, HFTeacher(teacher, tokenizer=tok), tokenizer=tok, beta=BETA,
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0))
+    data = RolloutDataModule(ListPrompts([{"prompt": p} for p in prompts()]), val_size=0, batch_size=BATCH,
+                             sampling=SamplingParams(max_new_tokens=NEW_TOKENS), seed=0)
+    timer = LitTimer()
+    timed_method(module, "score_teacher", timer.parts, "teacher_forward")
+    timed_method(module, "loss", timer.parts, "student_forward_and_loss")
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    parts = timer.parts[2:]
+    breakdown = {k: statistics.median(p.get(k, 0.0) for p in parts) for k in parts[0]}
+    return {"step_s": statistics.median(timer.times[1:]), "loss": float(trainer.callback_metrics["train/loss"]),
+            "breakdown": breakdown}
+
+
+class HFTimer(TrainerCallback):
+    def __init__(self) -> None:
+        self.times, self.start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        self.times.append(time.perf_counter() - self.start)
+
+
+def run_trl(kind: str, steps: int) -> dict:
+    from datasets import Dataset
+
+    tok = char_tokenizer(chat_template=True)
+    student, teacher = make_tiny_model(len(tok), 64, 2, seed=0), make_tiny_model(len(tok), 128, 2, seed=1)
+    timer = HFTimer()
+    with tempfile.TemporaryDirectory() as out:
+        common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
+                      lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
+                      use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+                      dataloader_num_workers=0, seed=0, disable_tqdm=True, weight_decay=0.0)
+        if kind == "DistillationTrainer":
+            from trl import DistillationConfig, DistillationTrainer
+
+            data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts()])
+            args = DistillationConfig(beta=BETA, temperature=1.0, top_k=0, max_completion_length=NEW_TOKENS,
+                                      **common)
+            trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=tok,
+                                          train_dataset=data, args=args, callbacks=[timer])
+        else:
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            data = Dataset.from_list([{"messages": [{"role": "user", "content": p},
+                                                    {"role": "assistant", "content": "x"}]} for p in prompts()])
+            args = GKDConfig(lmbda=1.0, beta=BETA, temperature=1.0, max_new_tokens=NEW_TOKENS, max_length=128,
+                             **common)
+            trainer = GKDTrainer(model=student, teacher_model=teacher, processing_class=tok, train_dataset=data,
+                                 args=args, callbacks=[timer])
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"step_s": statistics.median(timer.times[2:]), "loss": losses[-1]}
+
+
+def raw_compute() -> dict:
+    """The same step's model work with plain torch calls: the floor for the breakdown."""
+    from lit_opd.models import completion_logits
+    from lit_opd.rollout.sampling import sample
+    from lit_opd.types import RolloutBatch
+
+    tok = char_tokenizer(chat_template=True)
+    student, teacher = make_tiny_model(len(tok), 64, 2, seed=0), make_tiny_model(len(tok), 128, 2, seed=1)
+    optim = torch.optim.AdamW(student.parameters(), lr=LR)
+    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
+           for p in prompts(BATCH)]
+    P = max(map(len, ids))
+    prompt = torch.tensor([[0] * (P - len(i)) + i for i in ids])
+    mask = (torch.arange(P)[None] >= torch.tensor([P - len(i) for i in ids])[:, None]).long()
+    times = {"rollout": [], "teacher_forward": [], "student_forward_backward": [], "optimizer": []}
+    for _ in range(8):
+        t0 = time.perf_counter()
+        out = sample(student, prompt, mask, SamplingParams(max_new_tokens=NEW_TOKENS), [3], 0)
+        t1 = time.perf_counter()
+        batch = RolloutBatch(prompt, mask, out.tokens_BT, out.mask_BT, out.logp_BT, [None] * BATCH, torch.arange(BATCH))
+        with torch.no_grad():
+            t_logits = completion_logits(teacher, batch)
+        t2 = time.perf_counter()
+        from lit_opd.divergences import generalized_jsd
+
+        generalized_jsd(completion_logits(student, batch), t_logits, BETA, out.mask_BT).backward()
+        t3 = time.perf_counter()
+        optim.step()
+        optim.zero_grad()
+        t4 = time.perf_counter()
+        for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            times[key].append(value)
+    return {k: statistics.median(v[2:]) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--machine", default="2-core CPU")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 1, 6
+    torch.set_num_threads(args.threads)
+    runs = {"lit_opd": [], "DistillationTrainer": [], "GKDTrainer": []}
+    for _ in range(args.rounds):
+        runs["lit_opd"].append(run_lit(args.steps))
+        runs["DistillationTrainer"].append(run_trl("DistillationTrainer", args.steps))
+        runs["GKDTrainer"].append(run_trl("GKDTrainer", args.steps))
+    step = {k: statistics.median(r["step_s"] for r in v) for k, v in runs.items()}
+    loss = {k: statistics.median(r["loss"] for r in v) for k, v in runs.items()}
+    breakdown = runs["lit_opd"][-1]["breakdown"]
+    raw = raw_compute()
+    table = report(step, loss, breakdown, raw, args)
+    print(table)
+    if not args.no_record and not args.quick:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
+            fh.write(table)
+    print(f"RESULT opd_step_speedup_vs_trl {step['DistillationTrainer'] / step['lit_opd']:.3f}")
+
+
+def report(step: dict, loss: dict, breakdown: dict, raw: dict, args: argparse.Namespace) -> str:
+    lines = [f"\n## OPD step against TRL — {datetime.date.today()} — {args.machine}\n",
+             f"`python benchmarks/bench_opd_step.py` ({args.rounds} interleaved rounds × {args.steps} steps, "
+             f"{args.threads} threads; student Qwen3 h64×2, teacher h128×2, batch {BATCH}, ≤ {NEW_TOKENS} new "
+             f"tokens, JSD β = {BETA}, fp32).\n",
+             "| trainer | median step (ms) | TRL / this | loss after the run |", "|---|---|---|---|"]
+    for name in step:
+        lines.append(f"| {name} | {step[name] * 1e3:.1f} | {step[name] / step['lit_opd']:.2f}× | {loss[name]:.4f} |")
+    total = step["lit_opd"]
+    lines += ["", "Where lit_opd's step goes (median ms) against the same work as raw torch calls:", "",
+              "| part | lit_opd step | raw torch |", "|---|---|---|"]
+    rows = [("rollout", breakdown.get("rollout", 0), raw["rollout"]),
+            ("teacher forward", breakdown.get("teacher_forward", 0), raw["teacher_forward"]),
+            ("student forward + loss + backward",
+             breakdown.get("student_forward_and_loss", 0) + breakdown.get("backward", 0),
+             raw["student_forward_backward"]),
+            ("optimizer", breakdown.get("optimizer", 0), raw["optimizer"])]
+    for name, ours, floor in rows:
+        lines.append(f"| {name} | {ours * 1e3:.1f} | {floor * 1e3:.1f} |")
+    raw_sum = sum(raw.values())
+    lines.append(f"| everything else (Lightning loop, logging, data) | {(total - sum(r[1] for r in rows)) * 1e3:.1f} | – |")
+    lines.append(f"| **whole step** | **{total * 1e3:.1f}** | **{raw_sum * 1e3:.1f}** (step / raw = "
+                 f"{total / raw_sum:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
