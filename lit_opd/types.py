@@ -7,6 +7,7 @@ T completion length (right padded), V vocabulary, K top-k entries.
 from __future__ import annotations
 
 import enum
+from typing import Literal
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,6 +26,8 @@ class SamplingParams:
         num_samples: completions drawn per prompt (G); rows of one prompt are adjacent.
         stop_at_eos: stop a row at its first EOS (the EOS token itself is part of the completion).
         greedy: argmax decoding (validation).
+        engine: "auto" (the lean decode step for Llama/Mistral/Qwen layouts, else the model's own
+            forward), "lean" (require it) or "hf" (always call the model).
     """
 
     max_new_tokens: int = 32
@@ -34,6 +37,7 @@ class SamplingParams:
     num_samples: int = 1
     stop_at_eos: bool = True
     greedy: bool = False
+    engine: Literal["auto", "lean", "hf"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -46,6 +50,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.engine not in ("auto", "lean", "hf"):
+            raise ValueError(f"SamplingParams.engine={self.engine!r}: use 'auto', 'lean' or 'hf'")
         if self.num_samples < 1:
             raise ValueError(f"SamplingParams.num_samples must be >= 1, got {self.num_samples}")
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit_opd.rollout import engine as engine_mod
+from lit_opd.rollout.engine import LeanDecoder
 from lit_opd.types import SamplingParams
 
 
@@ -70,6 +72,21 @@ def returned_cache(out):  # noqa: ANN001, ANN201 - a transformers ModelOutput an
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
+def lean_decoder(model: nn.Module, cache, total_len: int, engine: str) -> LeanDecoder | None:  # noqa: ANN001
+    """The lean decode step when ``engine`` allows it and the model is a supported layout."""
+    if engine == "hf":
+        return None
+    ok = engine_mod.supported(model, total_len) and hasattr(cache, "layers")
+    if not ok:
+        if engine == "lean":
+            raise ValueError(
+                f"SamplingParams.engine='lean' does not support {type(model).__name__} here (supported: plain "
+                f"Linear {', '.join(engine_mod.LAYOUTS)} layouts); use engine 'auto' or 'hf'"
+            )
+        return None
+    return LeanDecoder(model, cache, total_len)
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -95,11 +112,13 @@ def sample(
     eos_ids = torch.tensor(eos_token_ids, device=ids_BP.device)
     cache_arg = cache_kwarg(model)
     out = model(input_ids=ids_BP, attention_mask=mask_BL, position_ids=positions_BP, use_cache=True)
+    logits_BV = out.logits[:, -1, :]
+    decoder = lean_decoder(model, returned_cache(out), ids_BP.shape[1] + params.max_new_tokens, params.engine)
     next_pos_B1 = positions_BP[:, -1:] + 1
     finished_B = torch.zeros(ids_BP.shape[0], dtype=torch.bool, device=ids_BP.device)
     tokens, logps, valid = [], [], []
     for step in range(params.max_new_tokens):
-        tok_B, logp_B = pick_tokens(out.logits[:, -1, :], params, generator)
+        tok_B, logp_B = pick_tokens(logits_BV, params, generator)
         tok_B = tok_B.masked_fill(finished_B, pad_token_id)
         tokens.append(tok_B)
         logps.append(logp_B.masked_fill(finished_B, 0.0))
@@ -112,13 +131,17 @@ def sample(
         if step == params.max_new_tokens - 1 or done:
             break
         mask_BL = torch.cat([mask_BL, (~finished_B).long()[:, None]], dim=1)
-        out = model(
-            input_ids=tok_B[:, None],
-            attention_mask=mask_BL,
-            position_ids=next_pos_B1,
-            use_cache=True,
-            **{cache_arg: returned_cache(out)},
-        )
+        if decoder is not None:
+            logits_BV = decoder.step(tok_B, next_pos_B1[:, 0], mask_BL)
+        else:
+            out = model(
+                input_ids=tok_B[:, None],
+                attention_mask=mask_BL,
+                position_ids=next_pos_B1,
+                use_cache=True,
+                **{cache_arg: returned_cache(out)},
+            )
+            logits_BV = out.logits[:, -1, :]
         next_pos_B1 = next_pos_B1 + 1
     mask_BT = torch.stack(valid, dim=1)
     return SampleOutput(

@@ -103,3 +103,42 @@ def test_sampling_frequencies_follow_the_distribution(char_tok):
     freq = torch.bincount(out.tokens_BT[:, 0], minlength=probs.numel()).float() / 2000
     top = probs.topk(3).indices
     assert (freq[top] - probs[top]).abs().max() < 0.04  # ~4 standard errors at n=2000
+
+
+def _llama(vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=3, attention_bias=True,
+    )).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_lean_engine_matches_the_model_forward(char_tok, arch):
+    from lit_opd.rollout import engine
+
+    model = make_tiny_model(len(char_tok), 32, 2, seed=6).eval() if arch == "qwen3" else _llama(len(char_tok))
+    assert engine.supported(model, 64)
+    ids, mask = _prompts(char_tok, ["12+345=", "7+8=", "99+1="])
+    runs = {}
+    for name in ("lean", "hf"):
+        params = SamplingParams(max_new_tokens=10, num_samples=2, engine=name)
+        runs[name] = sample(model, ids, mask, params, [3], 0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(runs["lean"].tokens_BT, runs["hf"].tokens_BT)
+    assert torch.equal(runs["lean"].mask_BT, runs["hf"].mask_BT)
+    torch.testing.assert_close(runs["lean"].logp_BT, runs["hf"].logp_BT, atol=1e-5, rtol=0)
+
+
+def test_lean_engine_refuses_what_it_cannot_reproduce(char_tok):
+    from lit_opd.rollout import engine
+
+    model = make_tiny_model(len(char_tok), 32, 2, seed=6).eval()
+    model.config.sliding_window, model.config.use_sliding_window = 8, True
+    assert not engine.supported(model, 64)  # a window shorter than the sequence changes attention
+    ids, mask = _prompts(char_tok, ["1+2="])
+    with pytest.raises(ValueError, match="engine='lean' does not support"):
+        sample(model, ids, mask, SamplingParams(max_new_tokens=10, engine="lean"), [3], 0)
+    auto = sample(model, ids, mask, SamplingParams(max_new_tokens=3, greedy=True), [3], 0)  # falls back
+    assert auto.tokens_BT.shape[0] == 1
