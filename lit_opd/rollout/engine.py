@@ -53,9 +53,12 @@ def _mlp_linears(layer: nn.Module) -> tuple[nn.Module, ...]:
 
 def _rms(x: Tensor, norm: nn.Module) -> Tensor:
     """transformers' RMSNorm: normalise in fp32, scale in the input dtype."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x32.to(x.dtype)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
+    return norm.weight * normed.to(x.dtype)
+
+
+def _linear(x: Tensor, module: nn.Linear) -> Tensor:
+    return F.linear(x, module.weight, module.bias)  # skips nn.Module call overhead
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -94,17 +97,17 @@ class LeanDecoder:
             h_B1H = h_B1H + self._attention(layer, _rms(h_B1H, layer.input_layernorm), i, t, cos, sin, attend_B11L)
             x = _rms(h_B1H, layer.post_attention_layernorm)
             mlp = layer.mlp
-            h_B1H = h_B1H + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            h_B1H = h_B1H + _linear(F.silu(_linear(x, mlp.gate_proj)) * _linear(x, mlp.up_proj), mlp.down_proj)
         self.length = t + 1
         h_B1H = _rms(h_B1H, self.decoder.norm)
-        return self.model.get_output_embeddings()(h_B1H)[:, 0]
+        return _linear(h_B1H, self.model.get_output_embeddings())[:, 0]
 
     def _attention(self, layer, x_B1H, i, t, cos, sin, attend_B11L) -> Tensor:  # noqa: ANN001
         attn = layer.self_attn
         B = x_B1H.shape[0]
-        q = attn.q_proj(x_B1H).view(B, 1, -1, self.head_dim)
-        k = attn.k_proj(x_B1H).view(B, 1, -1, self.head_dim)
-        v = attn.v_proj(x_B1H).view(B, 1, -1, self.head_dim).transpose(1, 2)
+        q = _linear(x_B1H, attn.q_proj).view(B, 1, -1, self.head_dim)
+        k = _linear(x_B1H, attn.k_proj).view(B, 1, -1, self.head_dim)
+        v = _linear(x_B1H, attn.v_proj).view(B, 1, -1, self.head_dim).transpose(1, 2)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises each head
             q, k = _rms(q, attn.q_norm), _rms(k, attn.k_norm)
         q, k = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin)
@@ -114,4 +117,4 @@ class LeanDecoder:
             q, self.keys[i][:, :, : t + 1], self.values[i][:, :, : t + 1],
             attn_mask=attend_B11L, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
         )
-        return attn.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
+        return _linear(out.transpose(1, 2).reshape(B, 1, -1), attn.o_proj)
