@@ -6,7 +6,8 @@ teacher scoring → divergence / sampled-token objective → optimizer step.
 
 from lit_opd.callbacks import AccuracyReport, EffOPDCallback, UpdateDynamicsCallback
 from lit_opd.cliff import lambda_star, lambda_star_kary, q_star
-from lit_opd.methods import OPDModule, PolicyModule, SFTModule
+from lit_opd.calibration import CalibrationReport, calibrate
+from lit_opd.methods import ListOPDModule, OPDModule, PolicyModule, SFTModule
 from lit_opd.models import ModelSpec
 from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule, TaskPrompts
 from lit_opd.teachers import HFTeacher, Teacher
@@ -18,5 +19,6 @@ __all__ = [
     "OPDModule", "SFTModule", "PolicyModule", "ModelSpec", "RolloutDataModule", "JsonlPrompts",
     "ListPrompts", "TaskPrompts", "HFTeacher", "Teacher", "RolloutBatch", "SamplingParams",
     "TeacherCapability", "TeacherOutput", "lambda_star", "lambda_star_kary", "q_star",
-    "AccuracyReport", "EffOPDCallback", "UpdateDynamicsCallback",
+    "AccuracyReport", "EffOPDCallback", "UpdateDynamicsCallback", "ListOPDModule", "calibrate",
+    "CalibrationReport",
 ]
