@@ -203,9 +203,34 @@ def main() -> None:
     table = report(step, loss, breakdown, raw, args)
     print(table)
     if not args.no_record and not args.quick:
+        plot(step, breakdown, ROOT / "benchmarks" / "opd_step.png")
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
             fh.write(table)
     print(f"RESULT opd_step_speedup_vs_trl {step['DistillationTrainer'] / step['lit_opd']:.3f}")
+
+
+def plot(step: dict, breakdown: dict, out: Path) -> None:
+    """Median step time per trainer, lit_opd's split into its parts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.6, 3.4))
+    names = list(step)
+    ax.barh(names[1:], [step[n] * 1e3 for n in names[1:]], color="tab:gray")
+    left = 0.0
+    parts = [("rollout", breakdown.get("rollout", 0.0)), ("teacher forward", breakdown.get("teacher_forward", 0.0)),
+             ("student fwd + loss + bwd", breakdown.get("student_forward_and_loss", 0.0) + breakdown.get("backward", 0.0)),
+             ("optimizer", breakdown.get("optimizer", 0.0))]
+    parts.append(("other", step["lit_opd"] - sum(v for _, v in parts)))
+    for name, seconds in parts:
+        ax.barh(["lit_opd"], [seconds * 1e3], left=[left], label=name)
+        left += seconds * 1e3
+    ax.set_xlabel("median time per optimizer step (ms)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 def report(step: dict, loss: dict, breakdown: dict, raw: dict, args: argparse.Namespace) -> str:
@@ -213,6 +238,7 @@ def report(step: dict, loss: dict, breakdown: dict, raw: dict, args: argparse.Na
              f"`python benchmarks/bench_opd_step.py` ({args.rounds} interleaved rounds × {args.steps} steps, "
              f"{args.threads} threads; student Qwen3 h64×2, teacher h128×2, batch {BATCH}, ≤ {NEW_TOKENS} new "
              f"tokens, JSD β = {BETA}, fp32).\n",
+             "Plot: `benchmarks/opd_step.png`.\n",
              "| trainer | median step (ms) | TRL / this | loss after the run |", "|---|---|---|---|"]
     for name in step:
         lines.append(f"| {name} | {step[name] * 1e3:.1f} | {step[name] / step['lit_opd']:.2f}× | {loss[name]:.4f} |")
