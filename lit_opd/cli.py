@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from lightning.pytorch.cli import ArgsType, LightningCLI
 

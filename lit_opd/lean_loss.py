@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_opd import divergences as D
+from lit_opd.models import is_dtensor
 from lit_opd.types import RolloutBatch
 
 # Config attributes that make logits differ from lm_head(hidden).
@@ -34,17 +35,9 @@ def plain_head(model: nn.Module) -> bool:
         return False
     if not head.weight.dtype.is_floating_point or head.weight.dim() != 2:  # e.g. a packed 4-bit head
         return False
-    if _is_dtensor(head.weight):  # FSDP2 shards it outside forward: use the logits path
+    if is_dtensor(head.weight):  # FSDP2 shards it outside forward: use the logits path
         return False
     return all(getattr(config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(tensor, DTensor) or isinstance(getattr(tensor, "data", None), DTensor)
 
 
 def completion_hidden(model: nn.Module, batch: RolloutBatch) -> Tensor:
@@ -74,18 +67,11 @@ class LeanTerms:
 
 
 def _row_weights(mask_BT: Tensor, idx_N: Tensor, reduction: str) -> Tensor:
-    """w_i such that ``reduce_masked(values, mask, reduction) == Σ_i w_i · values_i`` over valid rows."""
-    valid_BT = mask_BT.bool().double()
-    if reduction == "sum":
-        weights_BT = valid_BT
-    elif reduction == "token_mean":
-        weights_BT = valid_BT / valid_BT.sum().clamp(min=1)
-    elif reduction == "seq_mean":
-        count_B1 = valid_BT.sum(-1, keepdim=True).clamp(min=1)
-        num_seqs = (valid_BT.sum(-1) > 0).sum().clamp(min=1)
-        weights_BT = valid_BT / count_B1 / num_seqs
-    else:
-        raise ValueError(f"unknown reduction {reduction!r}; valid reductions: {', '.join(D.REDUCTIONS)}")
+    """w_i such that ``reduce_masked(values, mask, reduction) == Σ_i w_i · values_i`` over valid rows:
+    every reduction is linear in the values, so the weights are its gradient (no second formula)."""
+    values_BT = torch.zeros(mask_BT.shape, dtype=torch.float64, device=mask_BT.device, requires_grad=True)
+    with torch.enable_grad():
+        (weights_BT,) = torch.autograd.grad(D.reduce_masked(values_BT, mask_BT, reduction), values_BT)
     return weights_BT.reshape(-1).index_select(0, idx_N)
 
 
@@ -141,26 +127,29 @@ class _FusedHeadDivergence(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
-def _student_logp_chunk(h_nH: Tensor, w_VH: Tensor, ids_n: Tensor) -> Tensor:
-    return D.token_logprobs((h_nH @ w_VH.T)[None], ids_n[None])[0]
+def _student_chunk(h_nH: Tensor, w_VH: Tensor, ids_n: Tensor) -> tuple[Tensor, Tensor]:
+    """Token log-probs (differentiable) and entropy (no gradient) from one projection of the chunk."""
+    logits_1nV = (h_nH @ w_VH.T)[None]
+    entropy_n = D.entropy(logits_1nV.detach())[0]
+    return D.token_logprobs(logits_1nV, ids_n[None])[0], entropy_n
 
 
 def _sampled_terms(s_h_NH, s_w_VH, t_h_NH, t_w_VH, ids_N, chunk_size):  # noqa: ANN001, ANN202
-    """Token log-probs with gradient (checkpointed chunks) for sampled-token objectives."""
+    """Student token log-probs with gradient (checkpointed chunks), teacher token log-probs and
+    student entropy, for sampled-token objectives."""
     grad = torch.is_grad_enabled() and (s_h_NH.requires_grad or s_w_VH.requires_grad)
-    logp, stats = [], [[], [], []]
+    logp, teacher_logp, entropy = [], [], []
     for start in range(0, s_h_NH.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         args = (s_h_NH[rows], s_w_VH, ids_N[rows])
-        logp.append(checkpoint(_student_logp_chunk, *args, use_reentrant=False, preserve_rng_state=False)
-                    if grad else _student_logp_chunk(*args))
+        logp_n, entropy_n = (checkpoint(_student_chunk, *args, use_reentrant=False, preserve_rng_state=False)
+                             if grad else _student_chunk(*args))
+        logp.append(logp_n)
+        entropy.append(entropy_n.detach())
         with torch.no_grad():
-            s_logits = (s_h_NH[rows] @ s_w_VH.T)[None]
             t_logits = (t_h_NH[rows].to(t_w_VH.dtype) @ t_w_VH.T)[None]
-            stats[0].append(logp[-1].detach())
-            stats[1].append(D.token_logprobs(t_logits, ids_N[rows][None])[0])
-            stats[2].append(D.entropy(s_logits)[0])
-    return torch.cat(logp), [torch.cat(s) for s in stats]
+            teacher_logp.append(D.token_logprobs(t_logits, ids_N[rows][None])[0])
+    return torch.cat(logp), [torch.cat(teacher_logp), torch.cat(entropy)]
 
 
 def hidden_divergence(
@@ -193,6 +182,7 @@ def hidden_divergence(
     if kind is None:
         logp_N, stats = _sampled_terms(s_h_NH, student_weight_VH, t_h_NH, teacher_weight_VH, ids_N, chunk_size)
         loss = logp_N.sum() * 0.0  # no divergence term, but connected to the graph
+        stats = [logp_N, *stats]
     else:
         D._check_kind(kind)
         weights_N = _row_weights(mask_BT, idx_N, reduction).to(torch.promote_types(s_h_NH.dtype, torch.float32))
@@ -200,6 +190,5 @@ def hidden_divergence(
         loss, *stats = _FusedHeadDivergence.apply(
             s_h_NH, student_weight_VH, t_h_NH, teacher_weight_VH, ids_N, weights_N, options
         )
-        logp_N = stats[0]
-    grid = [col.new_zeros(B * T).index_put((idx_N,), col).view(B, T) for col in (logp_N, *stats[1:])]
+    grid = [col.new_zeros(B * T).index_put((idx_N,), col).view(B, T) for col in stats]
     return LeanTerms(loss=loss, student_logp_BT=grid[0], teacher_logp_BT=grid[1], entropy_BT=grid[2])

@@ -136,6 +136,15 @@ def load_tokenizer(
     return tok
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """True for a sharded (FSDP2 / tensor-parallel) parameter or tensor."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor) or isinstance(getattr(tensor, "data", None), DTensor)
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode, no gradients: the state a teacher or reference lives in."""
     model.eval()

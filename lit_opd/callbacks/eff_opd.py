@@ -163,7 +163,8 @@ def loss_score(pl_module: L.LightningModule, batches: Sequence[RolloutBatch]) ->
     """− mean over ``batches`` of the method's own loss against its teacher (no grad)."""
     total = 0.0
     for batch in batches:
-        loss, _ = pl_module.loss(batch, pl_module.teacher.score(batch))
+        score_teacher = getattr(pl_module, "score_teacher", pl_module.teacher.score)  # the lean path if on
+        loss, _ = pl_module.loss(batch, score_teacher(batch))
         total += float(loss)
     return -total / len(batches)
 

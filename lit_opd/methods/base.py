@@ -73,15 +73,16 @@ class PolicyModule(L.LightningModule):
         gathers its layer's shards (ranks stop decoding together, see ``rollout.ranks_agree``).
         Teachers and references stay replicated."""
         mesh = getattr(self, "device_mesh", None)
-        if mesh is None or getattr(self, "_sharded", False):
+        if mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if isinstance(self.student, FSDPModule):  # configure_model runs again for validate/test
+            return
         dp_mesh = mesh["data_parallel"]
         for layer in self.policy.get_decoder().layers:
             fully_shard(layer, mesh=dp_mesh)
         fully_shard(self.student, mesh=dp_mesh)
-        self._sharded = True
 
     def completion_source(self) -> str:
         """Where this training step's completions come from: "student" (on-policy) by default."""

@@ -57,12 +57,12 @@ from lit_opd.calibration import (
 )
 from lit_opd.methods.base import default_optimizer
 from lit_opd.methods.opd import OPDModule
-from lit_opd.models import ModelSpec, completion_logits
+from lit_opd.models import ModelSpec
 from lit_opd.rollout.prompts import PromptTokenizer
 from lit_opd.rollout.sources import PromptSource
 from lit_opd.tasks.ranking import RankingTask, parse_ranking
 from lit_opd.teachers.base import Teacher
-from lit_opd.types import RolloutBatch, TeacherOutput
+from lit_opd.types import RolloutBatch
 
 
 def base_relative_ppo_loss(
@@ -271,26 +271,18 @@ class ListOPDModule(OPDModule):
             logger.log_metrics(metrics, step=self.trainer.global_step)
 
     # ----- the objective ----------------------------------------------------------------------
-    def loss(self, batch: RolloutBatch, teacher_out: TeacherOutput) -> tuple[torch.Tensor, dict]:
+    def _sampled_loss(self, batch: RolloutBatch, logp_BT, teacher_logp_BT) -> tuple[torch.Tensor, dict]:  # noqa: ANN001
+        """OPDModule.loss computes the token log-probs and diagnostics; ListOPD swaps the objective."""
         if self.lambda_ is None:
             raise RuntimeError("ListOPDModule: λ is not set yet (lambda_='auto' resolves when fit starts); "
                                "call calibrate(records) or set_lambda_star(value) first")
         if batch.sampler_logp_BT is None:
             raise ValueError("ListOPDModule trains on its own samples; this batch has no sampler log-probs")
-        mask_BT = batch.completion_mask_BT
-        logits_BTV = completion_logits(self.student, batch)
-        logp_BT = D.token_logprobs(logits_BTV, batch.completion_ids_BT)
-        teacher_logp_BT = self._teacher_token_logp(batch, teacher_out)
-        with torch.no_grad():
-            ref_logp_BT = D.token_logprobs(completion_logits(self.reference, batch), batch.completion_ids_BT)
-        loss, metrics = base_relative_ppo_loss(
-            logp_BT, ref_logp_BT, teacher_logp_BT, batch.sampler_logp_BT, mask_BT, self.lambda_, self.c,
-            self.kl_coef, self.clip["dual_clip"], self.tis_cap, self.reweight_to_base, self.reduction,
+        return base_relative_ppo_loss(
+            logp_BT, self.reference_logp(batch), teacher_logp_BT, batch.sampler_logp_BT,
+            batch.completion_mask_BT, self.lambda_, self.c, self.kl_coef, self.clip["dual_clip"], self.tis_cap,
+            self.reweight_to_base, self.reduction,
         )
-        with torch.no_grad():
-            metrics["teacher_kl"] = D.reduce_masked(logp_BT - teacher_logp_BT, mask_BT)
-            metrics["entropy"] = D.reduce_masked(D.entropy(logits_BTV.detach()), mask_BT)
-        return loss, metrics
 
     # ----- contract metrics -------------------------------------------------------------------
     def rollout_metrics(self, batch: RolloutBatch) -> dict[str, torch.Tensor | float]:

@@ -222,6 +222,11 @@ class OPDModule(PolicyModule):
             metrics["entropy"] = D.reduce_masked(entropy_BT, mask_BT)
         return loss, metrics
 
+    @torch.no_grad()
+    def reference_logp(self, batch: RolloutBatch) -> torch.Tensor:
+        """log π_ref of the completion tokens: (B, T)."""
+        return D.token_logprobs(completion_logits(self.reference, batch), batch.completion_ids_BT)
+
     def _teacher_token_logp(self, batch: RolloutBatch, out: TeacherOutput) -> torch.Tensor:
         if out.token_logp_BT is not None:
             return out.token_logp_BT
@@ -246,10 +251,7 @@ class OPDModule(PolicyModule):
         if self.lambda_ == 1.0:
             adv_BT = O.reverse_kl_advantage(sampler_logp_BT, teacher_logp_BT, self.kl_coef)
         else:
-            with torch.no_grad():
-                ref_logp_BT = D.token_logprobs(
-                    completion_logits(self._frozen["reference"], batch), batch.completion_ids_BT
-                )
+            ref_logp_BT = self.reference_logp(batch)
             adv_BT = self.kl_coef * O.gopd_advantage(old_logp_BT, teacher_logp_BT, ref_logp_BT, self.lambda_)
         metrics = {"advantage": D.reduce_masked(adv_BT, mask_BT)}
         if self.estimator == "importance_sampling":

@@ -197,14 +197,15 @@ class RolloutDataModule(L.LightningDataModule):
         params = self.val_sampling if source == "greedy" else self.sampling
         model = module.policy if source in ("student", "greedy") else module.teacher_generator()
         generator = torch.Generator(device=batch.prompt_ids_BP.device)
-        rank = self.trainer.global_rank if getattr(self, "trainer", None) else 0
+        trainer = getattr(self, "trainer", None)
+        rank = trainer.global_rank if trainer else 0
         # Seeded by (seed, step, rank): rollouts differ across ranks, and a resumed run redraws
         # exactly the samples the unbroken run drew, without saving generator state.
         generator.manual_seed(rollout_seed(self.seed, step, rank, source))
         was_training = model.training
         model.eval()
         try:
-            with generation_context(self.trainer if getattr(self, "trainer", None) else None):
+            with generation_context(trainer):
                 out = sample(
                     model,
                     batch.prompt_ids_BP,
@@ -213,7 +214,7 @@ class RolloutDataModule(L.LightningDataModule):
                     eos_token_ids=eos_ids(self.tokenizer),
                     pad_token_id=self.tokenizer.pad_token_id,
                     generator=generator,
-                    all_ranks_done=ranks_agree(self.trainer) if getattr(self, "trainer", None) else None,
+                    all_ranks_done=ranks_agree(trainer),
                 )
         finally:
             model.train(was_training)

@@ -14,17 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_opd.models import is_dtensor
+
 LAYOUTS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _plain_linear(module: nn.Module) -> bool:
-    if type(module) is not nn.Linear:  # LoRA, bitsandbytes and other wrappers change the maths
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return True
-    return not isinstance(module.weight.data, DTensor)
+    # LoRA, bitsandbytes and other wrappers change the maths; sharded weights are not whole here.
+    return type(module) is nn.Linear and not is_dtensor(module.weight)
 
 
 def supported(model: nn.Module, total_len: int) -> bool:

@@ -110,10 +110,13 @@ def sample(
     mask_BL = prompt_mask_BP.repeat_interleave(params.num_samples, dim=0).long()
     positions_BP = (mask_BL.cumsum(-1) - 1).clamp(min=0)
     eos_ids = torch.tensor(eos_token_ids, device=ids_BP.device)
-    cache_arg = cache_kwarg(model)
     out = model(input_ids=ids_BP, attention_mask=mask_BL, position_ids=positions_BP, use_cache=True)
     logits_BV = out.logits[:, -1, :]
     decoder = lean_decoder(model, returned_cache(out), ids_BP.shape[1] + params.max_new_tokens, params.engine)
+    if decoder is not None:
+        del out  # the decoder copied the prefill cache into its own buffers
+    else:
+        cache_arg = cache_kwarg(model)
     next_pos_B1 = positions_BP[:, -1:] + 1
     finished_B = torch.zeros(ids_BP.shape[0], dtype=torch.bool, device=ids_BP.device)
     tokens, logps, valid = [], [], []

@@ -83,14 +83,14 @@ def test_dataset_completions_without_answers_fail_clearly():
 
 
 def test_validation_split_is_seeded_and_disjoint():
-    source = TaskPrompts(AdditionTask(1, 2), num_rows=50, seed=0)
+    source = ListPrompts([{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(50)])  # unique prompts
     a, b = _dm(source, val_size=0.2, seed=3), _dm(source, val_size=0.2, seed=3)
     assert len(a.val_rows) == 10 and len(a.train_rows) == 40
     assert [r["prompt_ids"] for r in a.val_rows] == [r["prompt_ids"] for r in b.val_rows]
-    rows = source.load()
-    val_prompts = [r["prompt"] for r in rows if any(char_tokenizer()(r["prompt"]).input_ids == v["prompt_ids"]
-                                                     for v in a.val_rows)]
-    assert len(val_prompts) >= 10  # every validation row is one of the source's rows
+    val = {tuple(r["prompt_ids"]) for r in a.val_rows}
+    train = {tuple(r["prompt_ids"]) for r in a.train_rows}
+    assert val.isdisjoint(train) and len(val | train) == 50
+    assert val != {tuple(r["prompt_ids"]) for r in _dm(source, val_size=0.2, seed=4).val_rows}
     with pytest.raises(ValueError, match="val_size=50 leaves no training rows"):
         _dm(source, val_size=50)
 

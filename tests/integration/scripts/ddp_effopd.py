@@ -11,22 +11,14 @@ callback's history and its student checksum before and after training.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 
-from lit_opd import HFTeacher, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts
 from lit_opd.callbacks.eff_opd import EffOPDCallback
-from lit_opd.tasks import AdditionTask
-
-
-def checksum(module: torch.nn.Module) -> str:
-    blob = b"".join(p.detach().cpu().float().numpy().tobytes() for p in module.parameters())
-    return hashlib.sha256(blob).hexdigest()
+from tests.integration.scripts.ddp_fit import checksum, fit_two_ranks
 
 
 class RankSkewedScore:
@@ -44,7 +36,7 @@ class Record(L.Callback):
         self.out_dir, self.effopd, self.score, self.initial = out_dir, effopd, score, None
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-        self.initial = checksum(pl_module.student)
+        self.initial = checksum(pl_module.student)["sha256"]
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
         record = {
@@ -54,30 +46,16 @@ class Record(L.Callback):
             "raw_scores": self.score.raw,
             "history": [{k: v for k, v in r.items() if k != "seconds"} for r in self.effopd.history],
             "initial": self.initial,
-            "final": checksum(pl_module.student),
+            "final": checksum(pl_module.student)["sha256"],
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 def main() -> None:
     student, teacher, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    L.seed_everything(0)
-    module = OPDModule(
-        student, HFTeacher(teacher), loss="divergence", divergence="jsd",
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
-    )
-    data = RolloutDataModule(
-        TaskPrompts(AdditionTask(1, 2), num_rows=64), val_size=0, batch_size=4,
-        sampling=SamplingParams(max_new_tokens=6),
-    )
     score = RankSkewedScore()
     effopd = EffOPDCallback(score_fn=score)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[effopd, Record(out, effopd, score)],
-    )
-    trainer.fit(module, data)
+    fit_two_ranks(student, teacher, "ddp", max_steps=2, callbacks=[effopd, Record(out, effopd, score)])
 
 
 if __name__ == "__main__":

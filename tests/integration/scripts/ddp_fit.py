@@ -65,6 +65,11 @@ def main() -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    fit_two_ranks(student, teacher, strategy, max_steps=3, callbacks=[Record(out)])
+
+
+def fit_two_ranks(student: str, teacher: str, strategy, max_steps: int, callbacks: list) -> None:  # noqa: ANN001
+    """A tiny JSD OPD fit on 2 CPU ranks (shared with the other distributed test scripts)."""
     L.seed_everything(0)
     module = OPDModule(
         student, HFTeacher(teacher), loss="divergence", divergence="jsd",
@@ -75,9 +80,9 @@ def main() -> None:
         sampling=SamplingParams(max_new_tokens=6),
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record(out)],
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
     )
     trainer.fit(module, data)
 
