@@ -6,12 +6,16 @@ interleaved (ours, HF, ours, HF, …) and the median of each is compared.
 
     python benchmarks/bench_rollout.py            # batch 16 and 64 × 32 and 128 new tokens
     python benchmarks/bench_rollout.py --quick
+
+On a CUDA device it adds a Qwen3-0.6B layout (bf16, random init) and a column for the lean step
+without its CUDA graph (``SamplingParams(cuda_graph=False)``), which isolates what the graph buys.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import time
@@ -36,7 +40,15 @@ def models(device: str) -> dict[str, torch.nn.Module]:
         num_key_value_heads=4, head_dim=64, max_position_embeddings=512, pad_token_id=0, eos_token_id=3,
         tie_word_embeddings=True))
     small = AutoModelForCausalLM.from_pretrained(ROOT / "lit_opd/assets/addition/student")
-    return {"quickstart student (0.35M)": small.to(device).eval(), "Qwen3 h512 L8 (25M)": mid.to(device).eval()}
+    found = {"quickstart student (0.35M)": small.to(device).eval(), "Qwen3 h512 L8 (25M)": mid.to(device).eval()}
+    if device == "cuda":
+        with torch.device(device):
+            big = Qwen3ForCausalLM(Qwen3Config(
+                vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                pad_token_id=0, eos_token_id=3, tie_word_embeddings=True))
+        found["Qwen3-0.6B layout (bf16)"] = big.to(torch.bfloat16).eval()
+    return found
 
 
 def timed(fn) -> float:  # noqa: ANN001
@@ -55,9 +67,12 @@ def compare(model, batch: int, new_tokens: int, repeats: int, device: str) -> di
     enc = tok([r["prompt"] for r in rows], padding=True, return_tensors="pt").to(device)
     params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
 
-    def ours() -> None:
-        out = sample(model, enc.input_ids, enc.attention_mask, params, [3], 0)
+    def ours(run_params: SamplingParams = params) -> None:
+        out = sample(model, enc.input_ids, enc.attention_mask, run_params, [3], 0)
         assert out.tokens_BT.shape == (batch, new_tokens)
+
+    def eager() -> None:
+        ours(SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False, cuda_graph=False))
 
     def hf() -> None:
         out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
@@ -65,16 +80,21 @@ def compare(model, batch: int, new_tokens: int, repeats: int, device: str) -> di
                              return_dict_in_generate=True)
         assert out.sequences.shape[1] == enc.input_ids.shape[1] + new_tokens
 
+    runs = {"ours": ours, "hf": hf, **({"eager": eager} if device == "cuda" else {})}
     with torch.no_grad():
-        ours(), hf()  # warm-up
-        times = {"ours": [], "hf": []}
+        times = {name: [] for name in runs}
+        for name, fn in runs.items():
+            fn()  # warm-up
         for _ in range(repeats):
-            times["ours"].append(timed(ours))
-            times["hf"].append(timed(hf))
+            for name, fn in runs.items():
+                times[name].append(timed(fn))
     tokens = batch * new_tokens
-    t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
-    return {"batch": batch, "new": new_tokens, "ours_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf,
-            "speedup": t_hf / t_ours}
+    t = {name: statistics.median(values) for name, values in times.items()}
+    row = {"batch": batch, "new": new_tokens, "ours_tok_s": tokens / t["ours"], "hf_tok_s": tokens / t["hf"],
+           "speedup": t["hf"] / t["ours"]}
+    if "eager" in t:
+        row["eager_tok_s"] = tokens / t["eager"]
+    return row
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -86,8 +106,13 @@ def plot(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     labels = [f"{r['model'].split(' (')[0]}\nB{r['batch']}×{r['new']}" for r in rows]
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["ours_tok_s"] for r in rows], 0.4, label="lit_opd sample()")
-    ax.bar([i + 0.2 for i in x], [r["hf_tok_s"] for r in rows], 0.4, label="HF generate")
+    series = [("ours_tok_s", "lit_opd sample()"), ("hf_tok_s", "HF generate")]
+    if "eager_tok_s" in rows[0]:
+        series.append(("eager_tok_s", "lean step, no CUDA graph"))
+    width = 0.8 / len(series)
+    for j, (key, label) in enumerate(series):
+        ax.bar([i + (j - (len(series) - 1) / 2) * width for i in x], [r[key] for r in rows], width, label=label)
+    ax.set_yscale("log")
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("generated tokens / s")
     ax.legend()
@@ -102,26 +127,35 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--machine", default="2-core CPU")
+    parser.add_argument("--shapes", default="16x32,16x128,64x32,64x128", help="batch x new tokens, comma separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [(16, 32)] if args.quick else [(16, 32), (16, 128), (64, 32), (64, 128)]
+    shapes = [(16, 32)] if args.quick else [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     rows = []
     for name, model in models(device).items():
         for batch, new in shapes:
             row = {"model": name, **compare(model, batch, new, 1 if args.quick else args.repeats, device)}
             print(row, flush=True)
             rows.append(row)
-    lines = [f"\n## Rollout throughput — {datetime.date.today()} — {args.machine}\n",
+    machine = torch.cuda.get_device_name(0) if device == "cuda" else args.machine
+    eager = device == "cuda"
+    lines = [f"\n## Rollout throughput — {datetime.date.today()} — {machine}\n",
              f"`python benchmarks/bench_rollout.py` ({device}, {args.threads} threads, sampling at temperature 1, "
              "every row generates exactly the new-token budget, median of interleaved repeats). "
              "Plot: `benchmarks/rollout.png`.\n",
-             "| model | batch × new tokens | lit_opd tok/s | HF generate tok/s | speed-up |", "|---|---|---|---|---|"]
+             "| model | batch × new tokens | lit_opd tok/s | HF generate tok/s | speed-up |"
+             + (" lean step without CUDA graph tok/s |" if eager else ""),
+             "|---|---|---|---|---|" + ("---|" if eager else "")]
     lines += [f"| {r['model']} | {r['batch']} × {r['new']} | {r['ours_tok_s']:.0f} | {r['hf_tok_s']:.0f} | "
-              f"{r['speedup']:.2f}× |" for r in rows]
+              f"{r['speedup']:.2f}× |" + (f" {r['eager_tok_s']:.0f} |" if eager else "") for r in rows]
     table = "\n".join(lines) + "\n"
     print(table)
-    if not args.no_record and not args.quick:
+    out_dir = os.environ.get("OUT")  # the device tool returns what is written under $OUT
+    if out_dir and not args.quick:
+        plot(rows, Path(out_dir) / "rollout_gpu.png")
+        Path(out_dir, "rollout_gpu.md").write_text(table)
+    elif not args.no_record and not args.quick:
         plot(rows, ROOT / "benchmarks" / "rollout.png")
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
             fh.write(table)

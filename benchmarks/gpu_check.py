@@ -42,7 +42,8 @@ def qwen3_config(hidden: int, layers: int, inter: int, vocab: int, heads: int = 
 
 def save_model(config: Qwen3Config, path: Path, tok) -> str:  # noqa: ANN001
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is slow on CPU at 1.7B
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -67,12 +68,12 @@ class StepTimer(L.Callback):
 
 
 def run_path(name: str, student: str, teacher: ModelSpec, trainer_kwargs: dict, steps: int, batch: int,
-             new_tokens: int) -> dict:
+             new_tokens: int, cuda_graph: bool = True) -> dict:
     tok = char_tokenizer()
     module = OPDModule(student, HFTeacher(teacher), tokenizer=tok, beta=0.5, chunk_size=1024)
     data = RolloutDataModule(
         TaskPrompts(AdditionTask(1, 3), num_rows=4096), val_size=0, batch_size=batch,
-        sampling=SamplingParams(max_new_tokens=new_tokens), tokenizer=None,
+        sampling=SamplingParams(max_new_tokens=new_tokens, cuda_graph=cuda_graph), tokenizer=None,
     )
     timer = StepTimer()
     if torch.cuda.is_available():
@@ -97,7 +98,8 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny models on CPU")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--paths", default="bf16,bf16_4bit_teacher,fsdp")
+    parser.add_argument("--paths", default="bf16,bf16_eager,bf16_4bit_teacher,fsdp",
+                        help="bf16_eager: the bf16 path with the rollout's CUDA graph off (the baseline for it)")
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.dry_run
     if not gpu and not args.dry_run:
@@ -118,6 +120,7 @@ def main() -> None:
         bf16 = "bf16-mixed" if gpu else "32-true"
         plans = {
             "bf16": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16)),
+            "bf16_eager": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16)),
             "bf16_4bit_teacher": (ModelSpec(teacher_dir, dtype="bfloat16", quantization="4bit"),
                                   dict(precision=bf16)),
             "fsdp": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16, strategy="fsdp")),
@@ -128,7 +131,8 @@ def main() -> None:
                 print("skip fsdp on CPU (Lightning's FSDP needs a GPU)")
                 continue
             try:
-                rows.append(run_path(name, student, teacher, {**accel, **extra}, args.steps, batch, new_tokens))
+                rows.append(run_path(name, student, teacher, {**accel, **extra}, args.steps, batch, new_tokens,
+                                     cuda_graph=name != "bf16_eager"))
             except Exception as err:  # report every path, even when one fails
                 rows.append({"path": name, "error": f"{type(err).__name__}: {err}"[:300]})
             if gpu:

@@ -28,6 +28,8 @@ class SamplingParams:
         greedy: argmax decoding (validation).
         engine: "auto" (the lean decode step for Llama/Mistral/Qwen layouts, else the model's own
             forward), "lean" (require it) or "hf" (always call the model).
+        cuda_graph: on a CUDA device, capture the lean decode step once per rollout in a CUDA graph
+            and replay it for every token (off: launch its kernels one by one, e.g. to profile).
     """
 
     max_new_tokens: int = 32
@@ -38,6 +40,7 @@ class SamplingParams:
     stop_at_eos: bool = True
     greedy: bool = False
     engine: Literal["auto", "lean", "hf"] = "auto"
+    cuda_graph: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

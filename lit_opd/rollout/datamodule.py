@@ -276,16 +276,24 @@ def ranks_agree(trainer) -> Callable[[bool], bool] | None:  # noqa: ANN001
 
 
 def generation_context(trainer) -> contextlib.AbstractContextManager:  # noqa: ANN001
-    """FSDP (v1) keeps parameters flat and sharded outside its own forward, so calling the student
-    directly to generate needs them gathered first (the problem behind TRL issue 2580). FSDP2
-    (``fully_shard``, ModelParallelStrategy) gathers per layer in the student's own forward."""
+    """The rollout runs under the trainer's precision (bf16-mixed: autocast), as the training
+    forward does, so the sampler's log-probs come from the same arithmetic. FSDP (v1) also keeps
+    parameters flat and sharded outside its own forward, so calling the student directly to
+    generate needs them gathered first (the problem behind TRL issue 2580); FSDP2 (``fully_shard``,
+    ModelParallelStrategy) gathers per layer in the student's own forward."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    if trainer is None or not isinstance(trainer.strategy, FSDPStrategy):
-        return contextlib.nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    stack = contextlib.ExitStack()
+    if trainer is None:
+        return stack
+    if isinstance(trainer.strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True)
+        stack.enter_context(
+            FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True)
+        )
+    stack.enter_context(trainer.precision_plugin.forward_context())
+    return stack
 
 
 def rollout_seed(seed: int, step: int, rank: int, source: str) -> int:

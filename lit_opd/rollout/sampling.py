@@ -72,8 +72,11 @@ def returned_cache(out):  # noqa: ANN001, ANN201 - a transformers ModelOutput an
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-def lean_decoder(model: nn.Module, cache, total_len: int, engine: str) -> LeanDecoder | None:  # noqa: ANN001
-    """The lean decode step when ``engine`` allows it and the model is a supported layout."""
+def lean_decoder(
+    model: nn.Module, cache, prompt_mask_BP: Tensor, total_len: int, params: SamplingParams  # noqa: ANN001
+) -> LeanDecoder | None:
+    """The lean decode step when ``params.engine`` allows it and the model is a supported layout."""
+    engine = params.engine
     if engine == "hf":
         return None
     ok = engine_mod.supported(model, total_len) and hasattr(cache, "layers")
@@ -84,7 +87,7 @@ def lean_decoder(model: nn.Module, cache, total_len: int, engine: str) -> LeanDe
                 f"Linear {', '.join(engine_mod.LAYOUTS)} layouts); use engine 'auto' or 'hf'"
             )
         return None
-    return LeanDecoder(model, cache, total_len)
+    return LeanDecoder(model, cache, prompt_mask_BP, total_len, cuda_graph=params.cuda_graph)
 
 
 @torch.no_grad()
@@ -112,7 +115,7 @@ def sample(
     eos_ids = torch.tensor(eos_token_ids, device=ids_BP.device)
     out = model(input_ids=ids_BP, attention_mask=mask_BL, position_ids=positions_BP, use_cache=True)
     logits_BV = out.logits[:, -1, :]
-    decoder = lean_decoder(model, returned_cache(out), ids_BP.shape[1] + params.max_new_tokens, params.engine)
+    decoder = lean_decoder(model, returned_cache(out), mask_BL, ids_BP.shape[1] + params.max_new_tokens, params)
     if decoder is not None:
         del out  # the decoder copied the prefill cache into its own buffers
     else:
@@ -133,10 +136,10 @@ def sample(
             done = all_ranks_done(done)
         if step == params.max_new_tokens - 1 or done:
             break
-        mask_BL = torch.cat([mask_BL, (~finished_B).long()[:, None]], dim=1)
-        if decoder is not None:
-            logits_BV = decoder.step(tok_B, next_pos_B1[:, 0], mask_BL)
+        if decoder is not None:  # it keeps its own attention mask
+            logits_BV = decoder.step(tok_B, next_pos_B1[:, 0], ~finished_B)
         else:
+            mask_BL = torch.cat([mask_BL, (~finished_B).long()[:, None]], dim=1)
             out = model(
                 input_ids=tok_B[:, None],
                 attention_mask=mask_BL,

@@ -130,3 +130,18 @@ def test_datamodule_position_round_trips_through_state_dict():
             for i in b.row_index_B]
     assert resumed == full[12:] and order == full[12:]
     assert torch.is_tensor(next(iter(fresh.train_dataloader())).prompt_ids_BP)
+
+
+@pytest.mark.parametrize("precision, autocast", [("bf16-mixed", True), ("32-true", False)])
+def test_rollout_runs_under_the_trainers_precision(precision, autocast):
+    """bf16-mixed trains the student under autocast, so its rollout must sample under it too."""
+    import lightning as L
+
+    from lit_opd.rollout.datamodule import generation_context
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False)
+    with generation_context(trainer):
+        assert torch.is_autocast_enabled("cpu") is autocast
+    assert not torch.is_autocast_enabled("cpu")
+    with generation_context(None):  # a DataModule used without a Trainer
+        assert not torch.is_autocast_enabled("cpu")
