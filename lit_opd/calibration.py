@@ -31,7 +31,8 @@ extrapolating does not push toward the tail boundary: λ*_t = +inf. If every pos
 is like that (e.g. teacher == warm start, where p_t = b_t exactly) the report has λ* = +inf and no
 binding position: there is no cliff.
 
-Run: ``python -m lit_opd calibrate --teacher T --student S --num_rows 64 --seed 0 --clip 0.2 --k 4``.
+Run: ``python -m lit_opd calibrate --teacher T --student S --num_rows 64 --seed 0 --clip 0.2 --k 4``
+(``--teacher_temperature τ`` calibrates ``HFTeacher(T, temperature=τ)``, the distribution it scores with).
 """
 
 from __future__ import annotations
@@ -135,9 +136,7 @@ def valid_token_ids(
 ) -> tuple[int, ...]:
     """C_t: the ids whose text keeps ``state`` viable, plus EOS when ``state`` is complete."""
     ids = [i for i, text in enumerate(texts) if text and contract.feed(state, text) is not None]
-    if contract.accepts(state):
-        ids.extend(eos_ids)
-    return tuple(sorted(set(ids)))
+    return tuple(sorted(set(ids + (list(eos_ids) if contract.accepts(state) else []))))
 
 
 def answer_positions(
@@ -405,18 +404,19 @@ def calibrate_main(argv: list[str]) -> CalibrationReport:
     parser.add_argument("--k", type=int, default=4, help="RankingTask K")
     parser.add_argument("--anchor", type=str, default="base", help="'base' (warm start) or 'teacher'")
     parser.add_argument("--positions", type=str, default="structural", help="'structural' or 'all'")
+    parser.add_argument("--teacher_temperature", type=float, default=1.0, help="HFTeacher.temperature")
     cfg = parser.parse_args(argv)
     from lit_opd.models import freeze, load_causal_lm, load_tokenizer
     from lit_opd.tasks.ranking import RankingTask
+    from lit_opd.teachers.hf import HFTeacher
 
     try:
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.student)
-        teacher, base = freeze(load_causal_lm(cfg.teacher)), freeze(load_causal_lm(cfg.student))
+        teacher = HFTeacher(cfg.teacher, tokenizer, temperature=cfg.teacher_temperature).scorer
+        base = freeze(load_causal_lm(cfg.student))
         rows = RankingTask(k=cfg.k).make_rows(cfg.num_rows, cfg.seed)
         report = calibrate(teacher, base, tokenizer, rows, cfg.clip, cfg.anchor, positions=cfg.positions)
     except (OSError, ValueError) as err:
         parser.error(str(err))
-    print(report.table())
-    print(f"prompts {report.num_prompts} c {report.c}")
-    print(report.summary())
+    print(f"{report.table()}\nprompts {report.num_prompts} c {report.c}\n{report.summary()}")
     return report

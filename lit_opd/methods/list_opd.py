@@ -202,9 +202,10 @@ class ListOPDModule(OPDModule):
 
     def calibrate(self, records: Sequence[Mapping]) -> CalibrationReport:
         """Calibrate λ* on encoded records (``prompt_ids``, ``answer``, ``answer_ids``) with the teacher
-        and the frozen warm start; keeps the batch for the tail-ratio log and resolves λ unless a
+        (its ``scorer`` when it has one: the distribution ``score`` returns, temperature included) and
+        the frozen warm start; keeps the batch for the tail-ratio log and resolves λ unless a
         ``lambda_star`` was given."""
-        model = getattr(self.teacher, "model", None)
+        model = getattr(self.teacher, "scorer", getattr(self.teacher, "model", None))  # HFTeacher: at its τ
         if model is None:
             raise ValueError(
                 f"ListOPDModule calibration needs a teacher with a local model (HFTeacher), got "

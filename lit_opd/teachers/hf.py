@@ -1,4 +1,5 @@
-"""A local Hugging Face teacher: full logits from a frozen causal LM, optionally 4/8-bit."""
+"""A local Hugging Face teacher: full logits from a frozen causal LM, optionally 4/8-bit, optionally
+at a scoring temperature τ (the teacher's distribution is softmax(logits / τ), as in Hinton et al.'s KD)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,25 @@ from typing import ClassVar
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutput
 
-from lit_opd.models import ModelSpec, as_spec, completion_logits, freeze, load_causal_lm, load_tokenizer
 from lit_opd.lean_loss import completion_hidden, plain_head
+from lit_opd.models import ModelSpec, as_spec, completion_logits, freeze, load_causal_lm, load_tokenizer
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
+
+
+class TemperatureScaled(nn.Module):
+    """A causal LM whose logits are divided by ``temperature``: what :class:`HFTeacher` scores with,
+    exposed so that code that calls the model directly (ListOPD's calibration) sees the same
+    distribution as ``score``."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+
+    def forward(self, *args, **kwargs) -> CausalLMOutput:
+        return CausalLMOutput(logits=self.model(*args, **kwargs).logits / self.temperature)
 
 
 class HFTeacher(Teacher):
@@ -21,6 +36,11 @@ class HFTeacher(Teacher):
         model: a :class:`ModelSpec`, a path/hub id, or an already built ``nn.Module``.
         tokenizer: tokenizer path or object; defaults to the one stored with ``model``.
         name: label for logs and the checkpoint identity when ``model`` is an object.
+        temperature: scoring temperature τ > 0: ``score`` and ``score_hidden`` return the
+            distribution softmax(logits / τ), and ``scorer`` is the model that computes it (1.0 = the
+            model as trained). τ > 1 flattens the teacher (fatter tails), τ < 1 sharpens it. Teacher
+            *rollouts* (``OPDModule.teacher_generator``) use the raw model; their temperature is
+            ``SamplingParams.temperature``.
     """
 
     capability: ClassVar[TeacherCapability] = TeacherCapability.FULL_LOGITS
@@ -30,7 +50,11 @@ class HFTeacher(Teacher):
         model: ModelSpec | str | nn.Module,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         name: str | None = None,
+        temperature: float = 1.0,
     ) -> None:
+        if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
+            raise ValueError(f"HFTeacher.temperature={temperature!r} must be a finite number > 0")
+        self.temperature = float(temperature)
         self.spec = None if isinstance(model, nn.Module) else as_spec(model)
         self.model = freeze(load_causal_lm(model))
         self.tokenizer = load_tokenizer(tokenizer, model)
@@ -43,7 +67,12 @@ class HFTeacher(Teacher):
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch) -> TeacherOutput:
-        return TeacherOutput(logits_BTV=completion_logits(self.model, batch))
+        return TeacherOutput(logits_BTV=completion_logits(self.scorer, batch))
+
+    @property
+    def scorer(self) -> nn.Module:
+        """The model whose logits ``score`` returns: ``model``, divided by ``temperature`` if it is not 1."""
+        return self.model if self.temperature == 1.0 else TemperatureScaled(self.model, self.temperature)
 
     @torch.no_grad()
     def score_hidden(self, batch: RolloutBatch) -> TeacherOutput | None:
@@ -53,7 +82,7 @@ class HFTeacher(Teacher):
             return None
         return TeacherOutput(
             hidden_BTH=completion_hidden(self.model, batch),
-            head_weight_VH=self.model.get_output_embeddings().weight,
+            head_weight_VH=self.model.get_output_embeddings().weight / self.temperature,  # h·(W/τ)ᵀ = logits/τ
         )
 
     def identity(self) -> dict:
@@ -62,4 +91,6 @@ class HFTeacher(Teacher):
             ident.update(self.spec.identity())
         else:
             ident["num_parameters"] = sum(p.numel() for p in self.model.parameters())
+        if self.temperature != 1.0:  # identities recorded before the option existed stay equal
+            ident["temperature"] = self.temperature
         return ident
