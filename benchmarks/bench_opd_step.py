@@ -10,6 +10,8 @@ backward, optimizer, the rest) and the same work done with raw torch calls.
 
     python benchmarks/bench_opd_step.py           # 3 rounds × 20 steps
     python benchmarks/bench_opd_step.py --quick   # 1 round × 6 steps
+    python benchmarks/bench_opd_step.py --device cuda   # GPU: student Qwen3 h1024×28 (0.6B layout,
+        # character vocabulary), teacher h2048×28 (1.7B layout), batch 16, 64 new tokens, fp32 on both sides
 """
 
 from __future__ import annotations
@@ -37,6 +39,30 @@ from lit_opd.tasks import char_tokenizer  # noqa: E402
 from tests.helpers import make_tiny_model  # noqa: E402
 
 BATCH, NEW_TOKENS, LR, BETA = 8, 32, 1e-4, 0.5
+DEVICE = "cpu"
+
+
+def now() -> float:
+    """Wall time after the device's queued work (GPU kernels run asynchronously)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def model_pair(tok) -> tuple[torch.nn.Module, torch.nn.Module]:  # noqa: ANN001
+    """The same student and teacher (same seeds) for every trainer."""
+    if DEVICE == "cpu":
+        return make_tiny_model(len(tok), 64, 2, seed=0), make_tiny_model(len(tok), 128, 2, seed=1)
+    from transformers import Qwen3ForCausalLM
+
+    from benchmarks.gpu_check import qwen3_config
+
+    models = []
+    for seed, (hidden, inter) in enumerate([(1024, 3072), (2048, 6144)]):
+        torch.manual_seed(seed)
+        with torch.device(DEVICE):
+            models.append(Qwen3ForCausalLM(qwen3_config(hidden, 28, inter, len(tok))))
+    return models[0], models[1]
 
 
 def prompts(n: int = 256) -> list[str]:
@@ -82,7 +108,7 @@ def timed_method(obj, name: str, parts: list[dict], key: str) -> None:  # noqa: 
 
 def run_lit(steps: int) -> dict:
     tok = char_tokenizer(chat_template=True)
-    student, teacher = make_tiny_model(len(tok), 64, 2, seed=0), make_tiny_model(len(tok), 128, 2, seed=1)
+    student, teacher = model_pair(tok)
     module = OPDModule(student, HFTeacher(teacher, tokenizer=tok), tokenizer=tok, beta=BETA,
                        optimizer=lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0))
     data = RolloutDataModule(ListPrompts([{"prompt": p} for p in prompts()]), val_size=0, batch_size=BATCH,
@@ -90,7 +116,7 @@ def run_lit(steps: int) -> dict:
     timer = LitTimer()
     timed_method(module, "score_teacher", timer.parts, "teacher_forward")
     timed_method(module, "loss", timer.parts, "student_forward_and_loss")
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=steps, accelerator="gpu" if DEVICE == "cuda" else "cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                         limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, data)
@@ -115,13 +141,17 @@ def run_trl(kind: str, steps: int) -> dict:
     from datasets import Dataset
 
     tok = char_tokenizer(chat_template=True)
-    student, teacher = make_tiny_model(len(tok), 64, 2, seed=0), make_tiny_model(len(tok), 128, 2, seed=1)
+    student, teacher = model_pair(tok)
     timer = HFTimer()
     with tempfile.TemporaryDirectory() as out:
         common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
                       lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
-                      use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+                      use_cpu=DEVICE == "cpu", bf16=False, fp16=False, activation_checkpointing=False,
                       dataloader_num_workers=0, seed=0, disable_tqdm=True, weight_decay=0.0)
+        from transformers import TrainingArguments
+
+        known = TrainingArguments.__dataclass_fields__  # older transformers lack activation_checkpointing
+        common = {k: v for k, v in common.items() if k in known}
         if kind == "DistillationTrainer":
             from trl import DistillationConfig, DistillationTrainer
 
@@ -151,29 +181,30 @@ def raw_compute() -> dict:
     from lit_opd.types import RolloutBatch
 
     tok = char_tokenizer(chat_template=True)
-    student, teacher = make_tiny_model(len(tok), 64, 2, seed=0), make_tiny_model(len(tok), 128, 2, seed=1)
+    student, teacher = model_pair(tok)
     optim = torch.optim.AdamW(student.parameters(), lr=LR)
     ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
            for p in prompts(BATCH)]
     P = max(map(len, ids))
-    prompt = torch.tensor([[0] * (P - len(i)) + i for i in ids])
-    mask = (torch.arange(P)[None] >= torch.tensor([P - len(i) for i in ids])[:, None]).long()
+    prompt = torch.tensor([[0] * (P - len(i)) + i for i in ids], device=DEVICE)
+    mask = (torch.arange(P, device=DEVICE)[None] >= torch.tensor([P - len(i) for i in ids], device=DEVICE)[:, None]).long()
     times = {"rollout": [], "teacher_forward": [], "student_forward_backward": [], "optimizer": []}
     for _ in range(8):
-        t0 = time.perf_counter()
+        t0 = now()
         out = sample(student, prompt, mask, SamplingParams(max_new_tokens=NEW_TOKENS), [3], 0)
-        t1 = time.perf_counter()
-        batch = RolloutBatch(prompt, mask, out.tokens_BT, out.mask_BT, out.logp_BT, [None] * BATCH, torch.arange(BATCH))
+        t1 = now()
+        batch = RolloutBatch(prompt, mask, out.tokens_BT, out.mask_BT, out.logp_BT, [None] * BATCH,
+                             torch.arange(BATCH, device=DEVICE))
         with torch.no_grad():
             t_logits = completion_logits(teacher, batch)
-        t2 = time.perf_counter()
+        t2 = now()
         from lit_opd.divergences import generalized_jsd
 
         generalized_jsd(completion_logits(student, batch), t_logits, BETA, out.mask_BT).backward()
-        t3 = time.perf_counter()
+        t3 = now()
         optim.step()
         optim.zero_grad()
-        t4 = time.perf_counter()
+        t4 = now()
         for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[key].append(value)
     return {k: statistics.median(v[2:]) for k, v in times.items()}
@@ -187,7 +218,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--machine", default="2-core CPU")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    if args.device == "cuda":
+        global BATCH, NEW_TOKENS, DEVICE
+        BATCH, NEW_TOKENS, DEVICE = 16, 64, "cuda"
+        args.machine = torch.cuda.get_device_name(0)
     if args.quick:
         args.rounds, args.steps = 1, 6
     torch.set_num_threads(args.threads)
@@ -202,7 +238,10 @@ def main() -> None:
     raw = raw_compute()
     table = report(step, loss, breakdown, raw, args)
     print(table)
-    if not args.no_record and not args.quick:
+    if os.environ.get("OUT") and DEVICE == "cuda":  # the device tool returns what is written under $OUT
+        plot(step, breakdown, Path(os.environ["OUT"]) / "opd_step_gpu.png")
+        Path(os.environ["OUT"], "opd_step_gpu.md").write_text(table)
+    elif not args.no_record and not args.quick:
         plot(step, breakdown, ROOT / "benchmarks" / "opd_step.png")
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
             fh.write(table)
@@ -236,9 +275,10 @@ def plot(step: dict, breakdown: dict, out: Path) -> None:
 def report(step: dict, loss: dict, breakdown: dict, raw: dict, args: argparse.Namespace) -> str:
     lines = [f"\n## OPD step against TRL — {datetime.date.today()} — {args.machine}\n",
              f"`python benchmarks/bench_opd_step.py` ({args.rounds} interleaved rounds × {args.steps} steps, "
-             f"{args.threads} threads; student Qwen3 h64×2, teacher h128×2, batch {BATCH}, ≤ {NEW_TOKENS} new "
+             f"{args.threads} threads; student {'Qwen3 h64×2' if DEVICE == 'cpu' else 'Qwen3 h1024×28'}, teacher "
+             f"{'h128×2' if DEVICE == 'cpu' else 'h2048×28'}, batch {BATCH}, ≤ {NEW_TOKENS} new "
              f"tokens, JSD β = {BETA}, fp32).\n",
-             "Plot: `benchmarks/opd_step.png`.\n",
+             f"Plot: `benchmarks/{'opd_step' if DEVICE == 'cpu' else 'opd_step_gpu'}.png`.\n",
              "| trainer | median step (ms) | TRL / this | loss after the run |", "|---|---|---|---|"]
     for name in step:
         lines.append(f"| {name} | {step[name] * 1e3:.1f} | {step[name] / step['lit_opd']:.2f}× | {loss[name]:.4f} |")

@@ -168,6 +168,42 @@ def rows_divergence(
     return per_token_divergence(s_logp, t_logp, kind, beta=beta, alpha=alpha)
 
 
+def rows_divergence_and_grad(
+    student_logits: Tensor, teacher_logits: Tensor, kind: str, beta: float, alpha: float, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row divergence (n,) and its gradient with respect to the student logits (n, V).
+
+    Forward KL, reverse KL and JSD_β use their closed forms: with q = softmax(s/τ) and
+    g = ∂D/∂q, ∂D/∂s = q ⊙ (g − Σ q g) / τ, where g = −p/q (forward KL), log q − log p + 1
+    (reverse KL) and (1−β)(log q − log M) (JSD, M = βp + (1−β)q). That keeps ~5 [n, V] buffers
+    alive where autograd through ``rows_divergence`` keeps ~25 (the fused lean loss's chunk
+    memory). Other kinds go through autograd.
+    """
+    closed = {"forward_kl": 0.0, "reverse_kl": 1.0}.get(kind, beta if kind == "jsd" else None)
+    if closed is None:
+        with torch.enable_grad():
+            logits = student_logits.detach().requires_grad_(True)
+            values = rows_divergence(logits, teacher_logits, kind, beta, alpha, temperature)
+            (grad,) = torch.autograd.grad(values.sum(), logits)
+        return values.detach(), grad
+    s_logp = _log_softmax(student_logits.detach(), temperature)
+    t_logp = _log_softmax(teacher_logits.detach(), temperature)
+    q = s_logp.exp()
+    if closed == 0.0:  # forward KL(T‖S): ∂/∂s = (q − p)/τ
+        p = t_logp.exp()
+        values = (p * (t_logp - s_logp)).sum(-1)
+        return values, q.sub_(p).div_(temperature)
+    if closed == 1.0:  # reverse KL(S‖T)
+        g = s_logp.sub_(t_logp)
+    else:
+        mix_logp = _log_mix(t_logp, s_logp, closed)
+        kl_t = _kl(t_logp, mix_logp)
+        g = s_logp.sub_(mix_logp).mul_(1.0 - closed)  # (1−β)(log q − log M)
+    mean_g = (q * g).sum(-1, keepdim=True)
+    values = mean_g.squeeze(-1) if closed == 1.0 else closed * kl_t + mean_g.squeeze(-1)
+    return values, q.mul_(g.sub_(mean_g)).div_(temperature)
+
+
 def logits_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,

@@ -96,18 +96,19 @@ class _FusedHeadDivergence(torch.autograd.Function):
         for start in range(0, s_h_NH.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h_nH = s_h_NH[rows].detach()
-            with torch.enable_grad():
-                logits_nV = (h_nH @ s_w_VH.detach().T).to(dtype).requires_grad_(True)
-                t_logits_nV = (t_h_NH[rows].to(t_w_VH.dtype) @ t_w_VH.T).to(dtype)
-                chunk_loss = (D.rows_divergence(logits_nV, t_logits_nV, kind, beta, alpha, temperature)
-                              * weights_N[rows]).sum()
-                (grad_logits_nV,) = torch.autograd.grad(chunk_loss, logits_nV)
+            logits_nV = (h_nH @ s_w_VH.detach().T).to(dtype)
+            t_logits_nV = (t_h_NH[rows].to(t_w_VH.dtype) @ t_w_VH.T).to(dtype)
+            stats[0][rows] = D.token_logprobs(logits_nV[None], ids_N[rows][None])[0]
+            stats[1][rows] = D.token_logprobs(t_logits_nV[None], ids_N[rows][None])[0]
+            stats[2][rows] = D.entropy(logits_nV[None])[0]
+            values_n, grad_logits_nV = D.rows_divergence_and_grad(
+                logits_nV, t_logits_nV, kind, beta, alpha, temperature
+            )
+            del logits_nV, t_logits_nV  # before the next chunk's pair exists
+            grad_logits_nV.mul_(weights_N[rows, None])
             grad_h_NH[rows] = grad_logits_nV @ s_w_VH.to(dtype)
             grad_w_VH.addmm_(grad_logits_nV.T, h_nH.to(dtype))
-            total += chunk_loss.detach()
-            stats[0][rows] = D.token_logprobs(logits_nV.detach()[None], ids_N[rows][None])[0]
-            stats[1][rows] = D.token_logprobs(t_logits_nV[None], ids_N[rows][None])[0]
-            stats[2][rows] = D.entropy(logits_nV.detach()[None])[0]
+            total += (values_n * weights_N[rows]).sum()
         ctx.save_for_backward(grad_h_NH, grad_w_VH)
         ctx.dtypes = (s_h_NH.dtype, s_w_VH.dtype)
         ctx.consumed = False

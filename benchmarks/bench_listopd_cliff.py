@@ -1,0 +1,370 @@
+"""ListOPD cliff benchmark (issue 5 part 5): parse validity and NDCG@1 against λ around the predicted λ*.
+
+    python benchmarks/bench_listopd_cliff.py              # 7 λ x 3 seeds x 30 steps, ~15 min on one CPU thread
+    python benchmarks/bench_listopd_cliff.py --quick      # smoke run (~3 min), writes nothing to RESULTS.md
+    python benchmarks/bench_listopd_cliff.py --no-record  # full run, no RESULTS.md section
+
+Claim under test (arXiv 2605.08737, METHODS.md §3): strict parse validity is flat for λ below the
+closed-form cliff λ*(p, b, c) and falls above it, the empirical onset within one grid step of λ*,
+while NDCG@1 on parsed outputs stays flat.
+
+Setup (RankingTask K=4, char tokenizer, all on CPU with one torch thread):
+
+1. **Teacher**: configs/models/ranking-teacher (Qwen3 layout, 4 layers, h128) from random init, SFT
+   ``--teacher-steps`` steps (batch 64, AdamW lr 3e-3, TaskPrompts seed 11). **Warm start**:
+   configs/models/ranking-student (3 layers, h96), SFT ``--student-steps`` steps (seed 14). Both are
+   cached under ``--out-dir`` (teacher/, student/) and reused by later runs.
+2. **Teacher temperature τ** (``HFTeacher(temperature=τ)``: the teacher's distribution is
+   softmax(logits/τ) in training *and* in calibration, which reads ``HFTeacher.scorer``). At τ = 1
+   the teacher's tail at the structural positions is thinner than (1 − c) times the warm start's,
+   so λ* < 1 (the regime of configs/listopd/*.yaml). τ > 1 fattens the teacher's tails; τ is
+   set by bisection so that the calibrated λ* is ``--target-lambda-star`` (default 1.2, the paper's
+   regime λ* > 1), or fixed with ``--teacher-temperature``. This is a choice of teacher, made before
+   any ListOPD run and from calibration only; the runs then test the prediction.
+3. **Calibration**: ``lit_opd.calibration.calibrate`` (64 RankingTask rows, seed 13, c = 0.2,
+   structural positions, base anchor) gives λ*, p, b and the binding position.
+4. **Grid**: λ = λ*·(1 + 0.1 k), k = −3..3 (``--grid-frac``, ``--grid-half``); the predicted λ* is
+   the middle grid point. Per λ and seed (``--seeds``): ``ListOPDModule(lambda_=λ, clip=0.2,
+   lambda_star=λ*, allow_above_cliff=True)``, ``--steps`` steps of batch 32, AdamW lr 3e-4,
+   rollouts at temperature 1 (RolloutDataModule seed = run seed, training prompts TaskPrompts seed 15).
+5. **Measured after the last step**, on 256 held-out prompts (TaskPrompts seed 12, disjoint from
+   training by seed): strict parse rate and mean NDCG@1 on parsed outputs, for **sampled**
+   completions (temperature 1, the distribution training moves) and **greedy** ones. The SFT warm
+   start is measured the same way.
+
+**Onset** (the ``RESULT`` line): on the grid, the first λ at which the seed-median *sampled* parse
+rate is at least 10 points below its value at the smallest grid λ. ``listopd_onset_error`` is
+|onset index − λ* index| in grid steps. When no grid λ drops by 10 points there is no measured
+onset and the value printed is one step past the end of the grid (``grid-half + 1``), a lower bound.
+The greedy onset is reported beside it (same rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning as L
+import torch
+
+from lit_opd import (
+    HFTeacher,
+    ListOPDModule,
+    ModelSpec,
+    RolloutDataModule,
+    SamplingParams,
+    SFTModule,
+    TaskPrompts,
+)
+from lit_opd.calibration import calibrate
+from lit_opd.methods.list_opd import ranking_score
+from lit_opd.models import freeze, load_causal_lm
+from lit_opd.tasks import RankingTask
+
+K, CLIP, CAL_ROWS, CAL_SEED, VAL_SEED = 4, 0.2, 64, 13, 12
+TASK = RankingTask(k=K)
+ENGINE = "hf"  # the model's own forward: independent of the lean decode step's changes
+
+
+def trainer(steps: int, callbacks: list | None = None) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, callbacks=callbacks or [])
+
+
+def sft(config: str, out: Path, steps: int, data_seed: int) -> float:
+    """SFT from random init with the library's SFTModule; saves model + tokenizer to ``out``."""
+    if (out / "config.json").exists():
+        print(f"[cached] {out}")
+        return 0.0
+    started = time.perf_counter()
+    L.seed_everything(0, verbose=False)
+    module = SFTModule(ModelSpec(path=str(ROOT / config), random_init=True),
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0))
+    data = RolloutDataModule(TaskPrompts(TASK, num_rows=20000, seed=data_seed), val_size=0, batch_size=64,
+                             sampling=SamplingParams(max_new_tokens=32, engine=ENGINE))
+    trainer(steps).fit(module, data)
+    module.student.save_pretrained(out)
+    module.tokenizer.save_pretrained(out)
+    seconds = time.perf_counter() - started
+    print(f"[trained] {out}: {steps} SFT steps in {seconds:.0f} s")
+    return seconds
+
+
+def calibrate_at(teacher: Path, student: Path, temperature: float, base: torch.nn.Module, tok):
+    scorer = HFTeacher(str(teacher), tok, temperature=temperature).scorer
+    rows = TASK.make_rows(CAL_ROWS, CAL_SEED)
+    return calibrate(scorer, base, tok, rows, c=CLIP)
+
+
+def choose_temperature(args: argparse.Namespace, teacher: Path, student: Path) -> tuple[float, object, list]:
+    """τ (fixed, or bisected so that λ*(τ) = target) and the calibration report at τ."""
+    from lit_opd.models import load_tokenizer
+
+    tok = load_tokenizer(None, str(student))
+    base = freeze(load_causal_lm(str(student)))
+    trace = []
+    if args.teacher_temperature is not None:
+        report = calibrate_at(teacher, student, args.teacher_temperature, base, tok)
+        return args.teacher_temperature, report, [(args.teacher_temperature, report.lambda_star)]
+    lo, hi = 1.0, 2.0
+    for _ in range(args.bisect_steps):  # λ*(τ) grows with τ: the teacher's valid mass falls toward b
+        mid = (lo + hi) / 2
+        lam = calibrate_at(teacher, student, mid, base, tok).lambda_star
+        trace.append((mid, lam))
+        lo, hi = (mid, hi) if lam < args.target_lambda_star else (lo, mid)
+    tau = lo  # the largest τ probed with λ* below the target: a finite λ*
+    return tau, calibrate_at(teacher, student, tau, base, tok), trace
+
+
+# ----- evaluation --------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(module, data: RolloutDataModule, rows: list[dict], seed: int) -> dict:
+    """Sampled (temperature 1) and greedy parse rate and NDCG@1 on parsed outputs, on ``rows``."""
+    out = {}
+    for mode, source in (("sampled", "student"), ("greedy", "greedy")):
+        valid, ndcg = [], []
+        for batch in data.val_dataloader():
+            rollout = data.rollout(batch.to(module.device), module, source, step=10**6 + seed)
+            for text, index in zip(data.decode(rollout), rollout.row_index_B.tolist()):
+                ok, score = ranking_score(text, rows[index], None)
+                valid.append(float(ok))
+                if score is not None:
+                    ndcg.append(score)
+        out[f"parse_{mode}"] = sum(valid) / len(valid)
+        out[f"ndcg_{mode}"] = sum(ndcg) / len(ndcg) if ndcg else math.nan
+    return out
+
+
+def datamodule(seed: int, val_rows: int) -> RolloutDataModule:
+    return RolloutDataModule(
+        TaskPrompts(TASK, num_rows=20000, seed=15), val_source=TaskPrompts(TASK, num_rows=val_rows, seed=VAL_SEED),
+        batch_size=32, val_batch_size=256, sampling=SamplingParams(max_new_tokens=32, temperature=1.0, engine=ENGINE),
+        seed=seed,
+    )
+
+
+def warm_start_level(student: Path, val_rows: int, seeds: list[int]) -> dict:
+    module = SFTModule(str(student))
+    rows = TASK.make_rows(val_rows, VAL_SEED)
+    per_seed = []
+    for seed in seeds:
+        data = datamodule(seed, val_rows)
+        data.tokenizer = module.tokenizer
+        data.setup("fit")
+        per_seed.append(evaluate(module, data, rows, seed))
+    return {key: statistics.median(r[key] for r in per_seed) for key in per_seed[0]}
+
+
+class History(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        keys = ("train/parse_valid", "train/tail_ratio", "train/tail_ratio_min", "train/clip_frac", "train/loss")
+        self.steps.append({k: float(trainer.callback_metrics[k]) for k in keys if k in trainer.callback_metrics})
+
+
+def run_one(args: argparse.Namespace, teacher: Path, student: Path, tau: float, lam_star: float,
+            lam: float, seed: int) -> dict:
+    L.seed_everything(seed, verbose=False)
+    module = ListOPDModule(
+        str(student), HFTeacher(str(teacher), temperature=tau), lambda_=lam, clip=CLIP, lambda_star=lam_star,
+        allow_above_cliff=True, calibration_source=TaskPrompts(TASK, num_rows=CAL_ROWS, seed=CAL_SEED),
+        calibration_rows=args.tail_rows, optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0),
+    )
+    data, history = datamodule(seed, args.val_rows), History()
+    started = time.perf_counter()
+    trainer(args.steps, [history]).fit(module, data)
+    seconds = time.perf_counter() - started
+    result = evaluate(module, data, TASK.make_rows(args.val_rows, VAL_SEED), seed)
+    last = history.steps[-5:]
+    result.update(lam=lam, seed=seed, seconds=seconds,
+                  tail_ratio=statistics.median(s.get("train/tail_ratio", math.nan) for s in last),
+                  clip_frac=statistics.mean(s.get("train/clip_frac", 0.0) for s in history.steps))
+    print(f"  λ={lam:.4f} seed={seed}: parse sampled {result['parse_sampled']:.3f} greedy {result['parse_greedy']:.3f}"
+          f" | ndcg@1 sampled {result['ndcg_sampled']:.3f} greedy {result['ndcg_greedy']:.3f}"
+          f" | tail ratio {result['tail_ratio']:.3f} clip {result['clip_frac']:.3f} | {seconds:.0f} s", flush=True)
+    return result
+
+
+# ----- analysis ----------------------------------------------------------------------------------
+def medians(runs: list[dict], grid: list[float], key: str) -> list[float]:
+    return [statistics.median(r[key] for r in runs if r["lam"] == lam) for lam in grid]
+
+
+def onset_index(levels: list[float], drop: float = 0.10) -> int | None:
+    """First grid index whose level is ≥ ``drop`` below the level at the smallest λ; None if none."""
+    return next((i for i, v in enumerate(levels) if v <= levels[0] - drop), None)
+
+
+def seed_onsets(runs: list[dict], grid: list[float], key: str) -> dict[int, int | None]:
+    seeds = sorted({r["seed"] for r in runs})
+    return {s: onset_index([next(r[key] for r in runs if r["seed"] == s and r["lam"] == lam) for lam in grid])
+            for s in seeds}
+
+
+def fmt_onset(index: int | None, grid: list[float]) -> str:
+    return "none in grid" if index is None else f"λ={grid[index]:.4f} (index {index})"
+
+
+def table(runs: list[dict], grid: list[float], centre: int, warm: dict) -> str:
+    lines = ["| λ | λ/λ* | parse sampled (median; seeds) | parse greedy (median) | NDCG@1 sampled (median) "
+             "| NDCG@1 greedy (median) | tail ratio at end (median) | clip frac (mean) |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| SFT warm start | — | {warm['parse_sampled']:.3f} | {warm['parse_greedy']:.3f} | "
+             f"{warm['ndcg_sampled']:.3f} | {warm['ndcg_greedy']:.3f} | 1 | — |"]
+    for i, lam in enumerate(grid):
+        rs = sorted((r for r in runs if r["lam"] == lam), key=lambda r: r["seed"])
+        med = lambda k: statistics.median(r[k] for r in rs)
+        seeds = ", ".join(f"{r['parse_sampled']:.3f}" for r in rs)
+        mark = " **(λ*)**" if i == centre else ""
+        lines.append(f"| {lam:.4f}{mark} | {lam / grid[centre]:.2f} | {med('parse_sampled'):.3f} ({seeds}) | "
+                     f"{med('parse_greedy'):.3f} | {med('ndcg_sampled'):.3f} | {med('ndcg_greedy'):.3f} | "
+                     f"{med('tail_ratio'):.3f} | {statistics.mean(r['clip_frac'] for r in rs):.3f} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], grid: list[float], lam_star: float, warm: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    seeds = sorted({r["seed"] for r in runs})
+    for ax, metric, label in ((axes[0], "parse", "strict parse rate"), (axes[1], "ndcg", "NDCG@1 on parsed outputs")):
+        for mode, colour in (("sampled", "tab:blue"), ("greedy", "tab:orange")):
+            key = f"{metric}_{mode}"
+            for s in seeds:
+                ys = [next(r[key] for r in runs if r["seed"] == s and r["lam"] == lam) for lam in grid]
+                ax.plot(grid, ys, color=colour, alpha=0.3, lw=1)
+            ax.plot(grid, medians(runs, grid, key), color=colour, lw=2.2, marker="o", label=f"{mode}: seed median")
+            ax.axhline(warm[key], color=colour, ls=":", lw=1.5, label=f"{mode}: SFT warm start")
+        ax.axvline(lam_star, color="k", ls="--", lw=1.2, label=f"predicted λ* = {lam_star:.3f}")
+        ax.set_xlabel("λ (reward extrapolation)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"ListOPD on RankingTask K={K}: {len(seeds)} seeds (thin lines), held-out prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def section(args: argparse.Namespace, meta: dict, runs: list[dict], grid: list[float], centre: int,
+            warm: dict) -> str:
+    rep = meta["report"]
+    s_on, g_on = meta["onset_sampled"], meta["onset_greedy"]
+    per_seed = "; ".join(f"seed {s}: {fmt_onset(i, grid)}" for s, i in meta["seed_onsets"].items())
+    trace = ", ".join(f"τ={t:.4f}→λ*={lam:.3g}" for t, lam in meta["trace"])
+    return f"""
+## ListOPD extrapolation cliff — {datetime.date.today():%Y-%m-%d} — 2-core CPU (one torch thread)
+
+`python benchmarks/bench_listopd_cliff.py{' ' + ' '.join(meta['argv']) if meta['argv'] else ''}` ({meta['total_seconds'] / 60:.1f} min in all, of which model training {meta['train_seconds'] / 60:.1f} min; models cached in `{args.out_dir.relative_to(ROOT) if args.out_dir.is_relative_to(ROOT) else args.out_dir}`).
+
+Pair: teacher configs/models/ranking-teacher (4 layers, h128) SFT {args.teacher_steps} steps, warm start configs/models/ranking-student (3 layers, h96) SFT {args.student_steps} steps, RankingTask K={K}. Teacher scoring temperature τ = {meta['tau']:.4f} (`HFTeacher(temperature=τ)`, also what calibration measures), {'fixed' if args.teacher_temperature is not None else f'bisected for a calibrated λ* of {args.target_lambda_star}'}: {trace}. At τ = 1: λ* = {meta['lambda_star_tau1']:.4g}.
+
+Calibration ({CAL_ROWS} teacher-forced rows, c = {CLIP}, structural positions): **λ* = {rep.lambda_star:.4f}**, binding position {rep.binding_position} (`{meta['binding_token']}`), median p = {rep.p:.6f}, b = {rep.b:.6f} there ((1−p)/(1−b) = {meta['rho']:.3f}; 1 − c = {1 - CLIP}).
+
+ListOPD: {args.steps} steps per run, batch 32, AdamW lr {args.lr}, clip c = {CLIP}, seeds {', '.join(map(str, args.seeds))}; grid λ = λ*·(1 + {args.grid_frac}k), k = −{args.grid_half}..{args.grid_half}. Measured after the last step on {args.val_rows} held-out prompts: sampled (temperature 1) and greedy completions. Tail ratio = (1 − Q_C)/(1 − b) at the binding positions of {args.tail_rows} calibration prompts, median of the last 5 steps (clip-safe ≥ {1 - CLIP}).
+
+{table(runs, grid, centre, warm)}
+
+Onset (first grid λ where the seed-median parse rate is ≥ 10 points below its value at the smallest λ): sampled {fmt_onset(s_on, grid)}, greedy {fmt_onset(g_on, grid)}; per seed (sampled): {per_seed}. Predicted λ* is grid index {centre}. **RESULT listopd_onset_error {meta['onset_error']}**{' (no onset in the grid: a lower bound)' if s_on is None else ''}.
+
+![ListOPD cliff: parse rate and NDCG@1 against λ](listopd_cliff.png)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 3 λ, 4 steps; no RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--notes", type=Path, default=None, help="Markdown analysis appended to the section")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench_listopd")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "listopd_cliff.png")
+    parser.add_argument("--teacher-steps", type=int, default=200)
+    parser.add_argument("--student-steps", type=int, default=250)
+    parser.add_argument("--teacher-temperature", type=float, default=None, help="fix τ (default: bisect)")
+    parser.add_argument("--target-lambda-star", type=float, default=1.2)
+    parser.add_argument("--bisect-steps", type=int, default=10)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=30, help="ListOPD steps per run")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--grid-frac", type=float, default=0.1)
+    parser.add_argument("--grid-half", type=int, default=3)
+    parser.add_argument("--val-rows", type=int, default=256)
+    parser.add_argument("--tail-rows", type=int, default=16)
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.steps, args.grid_half, args.val_rows, args.bisect_steps = [0, 1], 4, 1, 64, 5
+        args.no_record = True
+        args.plot = args.out_dir / "listopd_cliff_quick.png"
+    for name in ("teacher_steps", "student_steps", "steps", "val_rows", "bisect_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.grid_frac <= 0 or args.grid_half < 1 or args.grid_frac * args.grid_half >= 1:
+        raise SystemExit(f"--grid-frac {args.grid_frac} / --grid-half {args.grid_half}: need 0 < frac·half < 1")
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    teacher, student = args.out_dir / f"teacher{args.teacher_steps}", args.out_dir / f"student{args.student_steps}"
+    train_seconds = sft("configs/models/ranking-teacher", teacher, args.teacher_steps, 11)
+    train_seconds += sft("configs/models/ranking-student", student, args.student_steps, 14)
+
+    tau, report, trace = choose_temperature(args, teacher, student)
+    if not math.isfinite(report.lambda_star):
+        raise SystemExit(f"calibrated λ* = inf at τ = {tau}: no cliff to test (use --teacher-temperature)")
+    lam_star = report.lambda_star
+    print(report.table())
+    print(f"tau {tau:.4f} {report.summary()}")
+    grid = [round(lam_star * (1 + args.grid_frac * k), 6) for k in range(-args.grid_half, args.grid_half + 1)]
+    centre = args.grid_half
+    warm = warm_start_level(student, args.val_rows, args.seeds)
+    print(f"SFT warm start: {warm}")
+    runs = [run_one(args, teacher, student, tau, lam_star, lam, seed) for lam in grid for seed in args.seeds]
+
+    s_on = onset_index(medians(runs, grid, "parse_sampled"))
+    g_on = onset_index(medians(runs, grid, "parse_greedy"))
+    error = abs(s_on - centre) if s_on is not None else len(grid) - centre
+    binding = next((r for r in report.per_position_table if r.position == report.binding_position), None)
+    meta = {
+        "argv": sys.argv[1:], "tau": tau, "trace": trace, "report": report, "onset_sampled": s_on,
+        "onset_greedy": g_on, "onset_error": error, "seed_onsets": seed_onsets(runs, grid, "parse_sampled"),
+        "binding_token": binding.token if binding else "-", "rho": (1 - report.p) / (1 - report.b),
+        "lambda_star_tau1": trace and next((lam for t, lam in trace if t == 1.0), None) or math.nan,
+        "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
+    }
+    if not math.isfinite(meta["lambda_star_tau1"]) and tau != 1.0:
+        meta["lambda_star_tau1"] = calibrate_at(teacher, student, 1.0, freeze(load_causal_lm(str(student))),
+                                                SFTModule(str(student)).tokenizer).lambda_star
+    (args.out_dir / "runs.json").write_text(json.dumps({"grid": grid, "lambda_star": lam_star, "tau": tau,
+                                                        "warm": warm, "runs": runs}, indent=1))
+    plot(runs, grid, lam_star, warm, args.plot)
+    text = section(args, meta, runs, grid, centre, warm)
+    print(text)
+    if not args.no_record:
+        notes = args.notes.read_text() if args.notes else ""
+        with args.results.open("a") as f:
+            f.write(text + ("\n" + notes if notes else ""))
+        print(f"appended to {args.results}")
+    print(f"RESULT listopd_onset_error {error}")
+
+
+if __name__ == "__main__":
+    main()
