@@ -20,6 +20,8 @@ from lit_opd.rollout import engine as engine_mod
 from lit_opd.rollout.engine import LeanDecoder
 from lit_opd.types import SamplingParams
 
+STOP_CHECK_EVERY = 8  # tokens between "every row finished?" checks on an accelerator
+
 
 @dataclass
 class SampleOutput:
@@ -70,6 +72,11 @@ def cache_kwarg(model: nn.Module) -> str:
 
 def returned_cache(out):  # noqa: ANN001, ANN201 - a transformers ModelOutput and its Cache
     return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def stop_check_interval(device: torch.device) -> int:
+    """Tokens between "every row finished?" checks: each is a host sync, free on a CPU."""
+    return 1 if device.type == "cpu" else STOP_CHECK_EVERY
 
 
 def lean_decoder(
@@ -123,17 +130,23 @@ def sample(
     next_pos_B1 = positions_BP[:, -1:] + 1
     finished_B = torch.zeros(ids_BP.shape[0], dtype=torch.bool, device=ids_BP.device)
     tokens, logps, valid = [], [], []
+    # "Every row finished?" is a host sync. On an accelerator a sync per token idles the device
+    # while Python queues the next step, so the loop asks every few tokens and trims the pad-only
+    # columns it ran past the last EOS; the output is the same as asking every token.
+    check_every = stop_check_interval(ids_BP.device)
     for step in range(params.max_new_tokens):
         tok_B, logp_B = pick_tokens(logits_BV, params, generator)
         tok_B = tok_B.masked_fill(finished_B, pad_token_id)
         tokens.append(tok_B)
         logps.append(logp_B.masked_fill(finished_B, 0.0))
         valid.append(~finished_B)
+        done = False
         if params.stop_at_eos:
             finished_B = finished_B | torch.isin(tok_B, eos_ids)
-        done = bool(finished_B.all())
-        if all_ranks_done is not None:
-            done = all_ranks_done(done)
+            if (step + 1) % check_every == 0:
+                done = bool(finished_B.all())
+                if all_ranks_done is not None:
+                    done = all_ranks_done(done)
         if step == params.max_new_tokens - 1 or done:
             break
         if decoder is not None:  # it keeps its own attention mask
@@ -150,9 +163,10 @@ def sample(
             logits_BV = out.logits[:, -1, :]
         next_pos_B1 = next_pos_B1 + 1
     mask_BT = torch.stack(valid, dim=1)
+    keep = int(mask_BT.any(0).nonzero().max()) + 1 if check_every > 1 else mask_BT.shape[1]
     return SampleOutput(
-        tokens_BT=torch.stack(tokens, dim=1),
-        mask_BT=mask_BT,
-        logp_BT=torch.stack(logps, dim=1),
+        tokens_BT=torch.stack(tokens, dim=1)[:, :keep],
+        mask_BT=mask_BT[:, :keep],
+        logp_BT=torch.stack(logps, dim=1)[:, :keep],
         truncated_B=~finished_B if params.stop_at_eos else torch.ones_like(finished_B),
     )

@@ -222,3 +222,26 @@ def test_lean_engine_under_autocast_matches_the_model(char_tok):
             runs[name] = sample(model, ids, mask, params, [3], 0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(runs["lean"].tokens_BT, runs["hf"].tokens_BT)
     torch.testing.assert_close(runs["lean"].logp_BT, runs["hf"].logp_BT, atol=2e-2, rtol=0)
+
+
+def test_checking_for_the_end_every_few_tokens_gives_the_same_output(char_tok, monkeypatch):
+    """On an accelerator the loop checks "every row finished?" every few tokens (a host sync) and
+    trims what it ran past the last EOS: the output equals checking every token."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from lit_opd.rollout import sampling
+
+    student = Path(__file__).resolve().parents[2] / "lit_opd/assets/addition/student"
+    model = AutoModelForCausalLM.from_pretrained(student).eval()
+    ids, mask = _prompts(char_tok, ["1+2=", "123+456=", "99+999="])
+    params = SamplingParams(max_new_tokens=12, num_samples=2, temperature=0.5)
+    runs = []
+    for interval in (1, 5):
+        monkeypatch.setattr(sampling, "stop_check_interval", lambda device, n=interval: n)
+        runs.append(sample(model, ids, mask, params, [3], 0, generator=torch.Generator().manual_seed(0)))
+    every, sparse = runs
+    assert every.mask_BT.shape[1] < 12  # every row stopped early, at different steps
+    for field in ("tokens_BT", "mask_BT", "logp_BT", "truncated_B"):
+        assert torch.equal(getattr(every, field), getattr(sparse, field)), field
