@@ -141,6 +141,16 @@ class RolloutBatch:
     def num_tokens(self) -> int:
         return int(self.completion_mask_BT.sum())
 
+    def to_state(self) -> dict:
+        """Plain tensors and lists on the CPU, safe to put in a checkpoint (``extras`` dropped)."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "extras"}
+        return {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in values.items()}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str) -> RolloutBatch:
+        """The inverse of :meth:`to_state`, with tensors on ``device``."""
+        return cls(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in state.items()})
+
 
 class TeacherCapability(enum.IntEnum):
     """What a teacher can return, from least to most informative."""

@@ -169,16 +169,6 @@ def loss_score(pl_module: L.LightningModule, batches: Sequence[RolloutBatch]) ->
     return -total / len(batches)
 
 
-def batch_to_state(batch: RolloutBatch) -> dict[str, Any]:
-    """A RolloutBatch as plain tensors/lists on the CPU (checkpoint-safe; ``extras`` dropped)."""
-    values = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name != "extras"}
-    return {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in values.items()}
-
-
-def batch_from_state(state: dict[str, Any], device: torch.device) -> RolloutBatch:
-    return RolloutBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in state.items()})
-
-
 @contextlib.contextmanager
 def scoring_context(pl_module: L.LightningModule, seed: int) -> Iterator[None]:
     """No grad, the student in eval mode, and a fixed seed whose draws leave the training RNG
@@ -329,7 +319,7 @@ class EffOPDCallback(L.Callback):
         if self._loss_cache is None:  # rank 0's rollouts on every rank: same scores, exact resume
             cache = self._roll_out_validation(trainer, pl_module)
             self._loss_cache = trainer.strategy.broadcast(cache, src=0)
-        self._loss_batches = [batch_from_state(s, pl_module.device) for s in self._loss_cache]
+        self._loss_batches = [RolloutBatch.from_state(s, pl_module.device) for s in self._loss_cache]
 
     def _roll_out_validation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         datamodule = trainer.datamodule
@@ -340,7 +330,7 @@ class EffOPDCallback(L.Callback):
                 if i == self.loss_batches:
                     break
                 rollout = datamodule.rollout(batch.to(pl_module.device), pl_module, "student", 0)
-                cache.append(batch_to_state(rollout))
+                cache.append(rollout.to_state())
         if not cache:
             raise ValueError("EffOPDCallback(score='loss') needs a RolloutDataModule with validation "
                              "prompts: set its val_source or val_size > 0")

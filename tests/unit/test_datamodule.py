@@ -145,3 +145,18 @@ def test_rollout_runs_under_the_trainers_precision(precision, autocast):
     assert not torch.is_autocast_enabled("cpu")
     with generation_context(None):  # a DataModule used without a Trainer
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_rollout_batch_state_round_trips():
+    """What EffOPD's loss score keeps in a checkpoint: CPU tensors, same values back."""
+    from lit_opd.types import RolloutBatch
+
+    batch = RolloutBatch(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long),
+                         torch.tensor([[5, 3], [6, 0]]), torch.tensor([[True, True], [True, False]]),
+                         torch.tensor([[-0.5, -1.0], [-2.0, 0.0]]), ["8", None], torch.arange(2),
+                         extras={"dropped": 1})
+    state = batch.to_state()
+    assert "extras" not in state and all(v.device.type == "cpu" for v in state.values() if torch.is_tensor(v))
+    back = RolloutBatch.from_state(state, "cpu")
+    assert torch.equal(back.sampler_logp_BT, batch.sampler_logp_BT) and back.answers == ["8", None]
+    assert back.extras == {}
