@@ -1,8 +1,12 @@
 """ListOPD cliff benchmark (issue 5 part 5): parse validity and NDCG@1 against λ around the predicted λ*.
 
-    python benchmarks/bench_listopd_cliff.py              # 7 λ x 3 seeds x 30 steps, ~15 min on one CPU thread
-    python benchmarks/bench_listopd_cliff.py --quick      # smoke run (~3 min), writes nothing to RESULTS.md
-    python benchmarks/bench_listopd_cliff.py --no-record  # full run, no RESULTS.md section
+    python benchmarks/bench_listopd_cliff.py               # 7 λ (+1 far) x 3 seeds x 30 steps
+    python benchmarks/bench_listopd_cliff.py --quick       # smoke run (~2 min once models are cached)
+    python benchmarks/bench_listopd_cliff.py --no-record   # full run, no RESULTS.md section
+    python benchmarks/bench_listopd_cliff.py --report-only --notes FILE   # re-render from saved runs
+
+Time on one CPU thread (2-core dev machine): ~6 min to train the pair (cached afterwards under
+runs/bench_listopd/), then ~14 min for calibration and the 24 ListOPD runs.
 
 Claim under test (arXiv 2605.08737, METHODS.md §3): strict parse validity is flat for λ below the
 closed-form cliff λ*(p, b, c) and falls above it, the empirical onset within one grid step of λ*,
@@ -24,7 +28,8 @@ Setup (RankingTask K=4, char tokenizer, all on CPU with one torch thread):
 3. **Calibration**: ``lit_opd.calibration.calibrate`` (64 RankingTask rows, seed 13, c = 0.2,
    structural positions, base anchor) gives λ*, p, b and the binding position.
 4. **Grid**: λ = λ*·(1 + 0.1 k), k = −3..3 (``--grid-frac``, ``--grid-half``); the predicted λ* is
-   the middle grid point. Per λ and seed (``--seeds``): ``ListOPDModule(lambda_=λ, clip=0.2,
+   the middle grid point. ``--wide`` adds points far above it (default 4λ*), reported apart and
+   not used for the onset. Per λ and seed (``--seeds``): ``ListOPDModule(lambda_=λ, clip=0.2,
    lambda_star=λ*, allow_above_cliff=True)``, ``--steps`` steps of batch 32, AdamW lr 3e-4,
    rollouts at temperature 1 (RolloutDataModule seed = run seed, training prompts TaskPrompts seed 15).
 5. **Measured after the last step**, on 256 held-out prompts (TaskPrompts seed 12, disjoint from
@@ -70,7 +75,7 @@ from lit_opd import (
 )
 from lit_opd.calibration import calibrate
 from lit_opd.methods.list_opd import ranking_score
-from lit_opd.models import freeze, load_causal_lm
+from lit_opd.models import freeze, load_causal_lm, load_tokenizer  # noqa: E402
 from lit_opd.tasks import RankingTask
 
 K, CLIP, CAL_ROWS, CAL_SEED, VAL_SEED = 4, 0.2, 64, 13, 12
@@ -103,30 +108,52 @@ def sft(config: str, out: Path, steps: int, data_seed: int) -> float:
     return seconds
 
 
-def calibrate_at(teacher: Path, student: Path, temperature: float, base: torch.nn.Module, tok):
+def calibrate_at(teacher: Path, temperature: float, base: torch.nn.Module, tok):  # noqa: ANN001, ANN201
+    """The library's calibration of ``HFTeacher(teacher, temperature=τ)`` (its scorer) against ``base``."""
     scorer = HFTeacher(str(teacher), tok, temperature=temperature).scorer
-    rows = TASK.make_rows(CAL_ROWS, CAL_SEED)
-    return calibrate(scorer, base, tok, rows, c=CLIP)
+    return calibrate(scorer, base, tok, TASK.make_rows(CAL_ROWS, CAL_SEED), c=CLIP)
 
 
 def choose_temperature(args: argparse.Namespace, teacher: Path, student: Path) -> tuple[float, object, list]:
-    """τ (fixed, or bisected so that λ*(τ) = target) and the calibration report at τ."""
-    from lit_opd.models import load_tokenizer
-
+    """τ (``--teacher-temperature``, or the probe of a bisection on [1, 2] whose finite λ*(τ) is
+    closest to the target), the calibration report at τ, and the (τ, λ*) pairs probed (τ = 1 first)."""
     tok = load_tokenizer(None, str(student))
     base = freeze(load_causal_lm(str(student)))
-    trace = []
+    at_one = calibrate_at(teacher, 1.0, base, tok)
+    trace = [(1.0, at_one.lambda_star)]
     if args.teacher_temperature is not None:
-        report = calibrate_at(teacher, student, args.teacher_temperature, base, tok)
-        return args.teacher_temperature, report, [(args.teacher_temperature, report.lambda_star)]
+        report = calibrate_at(teacher, args.teacher_temperature, base, tok)
+        return args.teacher_temperature, report, trace + [(args.teacher_temperature, report.lambda_star)]
+    if at_one.lambda_star >= args.target_lambda_star:
+        return 1.0, at_one, trace
     lo, hi = 1.0, 2.0
     for _ in range(args.bisect_steps):  # λ*(τ) grows with τ: the teacher's valid mass falls toward b
         mid = (lo + hi) / 2
-        lam = calibrate_at(teacher, student, mid, base, tok).lambda_star
+        lam = calibrate_at(teacher, mid, base, tok).lambda_star
         trace.append((mid, lam))
         lo, hi = (mid, hi) if lam < args.target_lambda_star else (lo, mid)
-    tau = lo  # the largest τ probed with λ* below the target: a finite λ*
-    return tau, calibrate_at(teacher, student, tau, base, tok), trace
+    finite = [(t, lam) for t, lam in trace if math.isfinite(lam)]
+    tau = min(finite, key=lambda tl: abs(math.log(tl[1] / args.target_lambda_star)))[0]  # closest probe
+    return tau, calibrate_at(teacher, tau, base, tok), trace
+
+
+def two_sided_lambda_star(report) -> float:  # noqa: ANN001 - a CalibrationReport
+    """Diagnostic, not the library's λ*: the clip band [1−c, 1+c] on the tail ratio (1−q)/(1−b) read
+    two-sided. Where p < b, λ > 1 extrapolates the student's tail *above* the warm start's, and the
+    upper edge binds at logit q = logit(1 − (1+c)(1−b)); the calibration counts those positions as
+    +inf. Median over prompts of the per-prompt minimum, like ``calibrate``."""
+    def logit(x: float) -> float:
+        return math.log(x) - math.log1p(-x)
+
+    per_prompt = []
+    for prompt in report.prompts:
+        lams = [s.lambda_star for s in prompt.positions if s.p > s.b]
+        for s in prompt.positions:
+            root = 1.0 - (1.0 + CLIP) * (1.0 - s.b)
+            if s.p < s.b and root > 0:
+                lams.append((logit(root) - logit(s.b)) / (logit(s.p) - logit(s.b)))
+        per_prompt.append(min(lams, default=math.inf))
+    return statistics.median(per_prompt)
 
 
 # ----- evaluation --------------------------------------------------------------------------------
@@ -138,7 +165,7 @@ def evaluate(module, data: RolloutDataModule, rows: list[dict], seed: int) -> di
         valid, ndcg = [], []
         for batch in data.val_dataloader():
             rollout = data.rollout(batch.to(module.device), module, source, step=10**6 + seed)
-            for text, index in zip(data.decode(rollout), rollout.row_index_B.tolist()):
+            for text, index in zip(data.decode(rollout), rollout.row_index_B.tolist(), strict=True):
                 ok, score = ranking_score(text, rows[index], None)
                 valid.append(float(ok))
                 if score is not None:
@@ -220,18 +247,22 @@ def fmt_onset(index: int | None, grid: list[float]) -> str:
     return "none in grid" if index is None else f"λ={grid[index]:.4f} (index {index})"
 
 
-def table(runs: list[dict], grid: list[float], centre: int, warm: dict) -> str:
-    lines = ["| λ | λ/λ* | parse sampled (median; seeds) | parse greedy (median) | NDCG@1 sampled (median) "
-             "| NDCG@1 greedy (median) | tail ratio at end (median) | clip frac (mean) |",
-             "|---|---|---|---|---|---|---|---|",
+def table(runs: list[dict], grid: list[float], lam_star: float, centre: int | None, warm: dict) -> str:
+    """Markdown: the warm start, then per grid λ the seed medians (sampled parse per seed too)."""
+    head = ("| λ | λ/λ* | parse sampled: median (per seed) | parse greedy | NDCG@1 sampled | NDCG@1 greedy "
+            "| tail ratio at end | clip frac |")
+    lines = [head, "|---|---|---|---|---|---|---|---|",
              f"| SFT warm start | — | {warm['parse_sampled']:.3f} | {warm['parse_greedy']:.3f} | "
              f"{warm['ndcg_sampled']:.3f} | {warm['ndcg_greedy']:.3f} | 1 | — |"]
     for i, lam in enumerate(grid):
         rs = sorted((r for r in runs if r["lam"] == lam), key=lambda r: r["seed"])
-        med = lambda k: statistics.median(r[k] for r in rs)
+
+        def med(key: str, rs: list[dict] = rs) -> float:
+            return statistics.median(r[key] for r in rs)
+
         seeds = ", ".join(f"{r['parse_sampled']:.3f}" for r in rs)
         mark = " **(λ*)**" if i == centre else ""
-        lines.append(f"| {lam:.4f}{mark} | {lam / grid[centre]:.2f} | {med('parse_sampled'):.3f} ({seeds}) | "
+        lines.append(f"| {lam:.4f}{mark} | {lam / lam_star:.2f} | {med('parse_sampled'):.3f} ({seeds}) | "
                      f"{med('parse_greedy'):.3f} | {med('ndcg_sampled'):.3f} | {med('ndcg_greedy'):.3f} | "
                      f"{med('tail_ratio'):.3f} | {statistics.mean(r['clip_frac'] for r in rs):.3f} |")
     return "\n".join(lines)
@@ -254,46 +285,111 @@ def plot(runs: list[dict], grid: list[float], lam_star: float, warm: dict, path:
             ax.plot(grid, medians(runs, grid, key), color=colour, lw=2.2, marker="o", label=f"{mode}: seed median")
             ax.axhline(warm[key], color=colour, ls=":", lw=1.5, label=f"{mode}: SFT warm start")
         ax.axvline(lam_star, color="k", ls="--", lw=1.2, label=f"predicted λ* = {lam_star:.3f}")
+        if max(grid) / min(grid) > 2.5:  # points far above λ*: a log axis keeps the fine grid readable
+            ax.set_xscale("log")
         ax.set_xlabel("λ (reward extrapolation)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"ListOPD on RankingTask K={K}: {len(seeds)} seeds (thin lines), held-out prompts")
+    fig.suptitle(f"ListOPD on RankingTask K={K}: {len(seeds)} seeds (thin lines), {len(runs) // len(seeds)} λ values, "
+                 "held-out prompts")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def section(args: argparse.Namespace, meta: dict, runs: list[dict], grid: list[float], centre: int,
-            warm: dict) -> str:
-    rep = meta["report"]
-    s_on, g_on = meta["onset_sampled"], meta["onset_greedy"]
-    per_seed = "; ".join(f"seed {s}: {fmt_onset(i, grid)}" for s, i in meta["seed_onsets"].items())
-    trace = ", ".join(f"τ={t:.4f}→λ*={lam:.3g}" for t, lam in meta["trace"])
+def section(args: argparse.Namespace, res: dict, onsets: dict) -> str:
+    """The dated RESULTS.md section (``res``: what ``measure`` saved; ``onsets``: from ``analyse``)."""
+    cal, grid, centre, warm, runs = res["calibration"], res["grid"], res["centre"], res["warm"], res["runs"]
+    s_on, g_on = onsets["sampled"], onsets["greedy"]
+    per_seed = "; ".join(f"seed {s}: {fmt_onset(i, grid)}" for s, i in onsets["per_seed"].items())
+    trace = ", ".join(f"τ={t:.4f}→λ*={lam:.3g}" for t, lam in res["trace"])
+    how = "fixed" if res["fixed_tau"] else f"bisected for a calibrated λ* of {res['target']}"
+    command = " ".join(["python benchmarks/bench_listopd_cliff.py", *res["argv"]])
+    wide = ""
+    if res["wide_grid"]:
+        wide = "\n\nFar above λ* (same settings; not part of the onset grid):\n\n" + table(
+            runs, res["wide_grid"], cal["lambda_star"], None, warm)
     return f"""
-## ListOPD extrapolation cliff — {datetime.date.today():%Y-%m-%d} — 2-core CPU (one torch thread)
+## ListOPD extrapolation cliff — {res['date']} — 2-core CPU (one torch thread)
 
-`python benchmarks/bench_listopd_cliff.py{' ' + ' '.join(meta['argv']) if meta['argv'] else ''}` ({meta['total_seconds'] / 60:.1f} min in all, of which model training {meta['train_seconds'] / 60:.1f} min; models cached in `{args.out_dir.relative_to(ROOT) if args.out_dir.is_relative_to(ROOT) else args.out_dir}`).
+`{command}`: {res['total_seconds'] / 60:.1f} min in all, of which model training {res['train_seconds'] / 60:.1f} min \
+(models cached in `{res['out_dir']}`; a rerun skips training).
 
-Pair: teacher configs/models/ranking-teacher (4 layers, h128) SFT {args.teacher_steps} steps, warm start configs/models/ranking-student (3 layers, h96) SFT {args.student_steps} steps, RankingTask K={K}. Teacher scoring temperature τ = {meta['tau']:.4f} (`HFTeacher(temperature=τ)`, also what calibration measures), {'fixed' if args.teacher_temperature is not None else f'bisected for a calibrated λ* of {args.target_lambda_star}'}: {trace}. At τ = 1: λ* = {meta['lambda_star_tau1']:.4g}.
+- **Pair**: teacher configs/models/ranking-teacher (4 layers, h128), SFT {res['teacher_steps']} steps; warm start \
+configs/models/ranking-student (3 layers, h96), SFT {res['student_steps']} steps; RankingTask K={K}.
+- **Teacher scoring temperature** τ = {res['tau']:.4f} (`HFTeacher(temperature=τ)`; calibration measures the same \
+distribution), {how}: {trace}.
+- **Calibration** ({CAL_ROWS} teacher-forced rows, c = {CLIP}, structural positions): **λ* = {cal['lambda_star']:.4f}**, \
+binding position {cal['binding_position']} (`{cal['binding_token']}`), median p = {cal['p']:.6f} and \
+b = {cal['b']:.6f} there: (1−p)/(1−b) = {cal['rho']:.3f} against 1 − c = {1 - CLIP}. At τ = 1: λ* = {res['trace'][0][1]:.4g}. \
+Diagnostic: with the band read two-sided (where p < b the tail ratio may not exceed 1 + c; \
+`two_sided_lambda_star`), λ* would be {cal['two_sided']:.4g}.
+- **ListOPD**: {res['steps']} steps per run, batch 32, AdamW lr {res['lr']}, clip c = {CLIP}; seeds \
+{', '.join(map(str, res['seeds']))}; grid λ = λ*·(1 + {res['grid_frac']}k), k = −{centre}..{centre}.
+- **Measured** after the last step on {res['val_rows']} held-out prompts, for sampled (temperature 1) and greedy \
+completions. Tail ratio = (1 − Q_C)/(1 − b) at the binding positions of {res['tail_rows']} calibration prompts, \
+median of the last 5 steps (clip-safe: ≥ {1 - CLIP}).
 
-Calibration ({CAL_ROWS} teacher-forced rows, c = {CLIP}, structural positions): **λ* = {rep.lambda_star:.4f}**, binding position {rep.binding_position} (`{meta['binding_token']}`), median p = {rep.p:.6f}, b = {rep.b:.6f} there ((1−p)/(1−b) = {meta['rho']:.3f}; 1 − c = {1 - CLIP}).
+{table(runs, grid, cal["lambda_star"], centre, warm)}{wide}
 
-ListOPD: {args.steps} steps per run, batch 32, AdamW lr {args.lr}, clip c = {CLIP}, seeds {', '.join(map(str, args.seeds))}; grid λ = λ*·(1 + {args.grid_frac}k), k = −{args.grid_half}..{args.grid_half}. Measured after the last step on {args.val_rows} held-out prompts: sampled (temperature 1) and greedy completions. Tail ratio = (1 − Q_C)/(1 − b) at the binding positions of {args.tail_rows} calibration prompts, median of the last 5 steps (clip-safe ≥ {1 - CLIP}).
-
-{table(runs, grid, centre, warm)}
-
-Onset (first grid λ where the seed-median parse rate is ≥ 10 points below its value at the smallest λ): sampled {fmt_onset(s_on, grid)}, greedy {fmt_onset(g_on, grid)}; per seed (sampled): {per_seed}. Predicted λ* is grid index {centre}. **RESULT listopd_onset_error {meta['onset_error']}**{' (no onset in the grid: a lower bound)' if s_on is None else ''}.
+Onset = the first grid λ where the seed-median parse rate is ≥ 10 points below its value at the smallest λ. \
+Sampled: {fmt_onset(s_on, grid)}; greedy: {fmt_onset(g_on, grid)}; per seed (sampled): {per_seed}. \
+The predicted λ* is grid index {centre}. \
+**RESULT listopd_onset_error {onsets['error']}**{' (no onset in the grid: a lower bound)' if s_on is None else ''}.
 
 ![ListOPD cliff: parse rate and NDCG@1 against λ](listopd_cliff.png)
 """
+
+
+def analyse(res: dict) -> dict:
+    grid, centre, runs = res["grid"], res["centre"], res["runs"]
+    s_on = onset_index(medians(runs, grid, "parse_sampled"))
+    g_on = onset_index(medians(runs, grid, "parse_greedy"))
+    return {"sampled": s_on, "greedy": g_on, "per_seed": seed_onsets(runs, grid, "parse_sampled"),
+            "error": abs(s_on - centre) if s_on is not None else len(grid) - centre}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Train (or load) the pair, choose τ, calibrate, run the grid; everything the report needs."""
+    started = time.perf_counter()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    teacher, student = args.out_dir / f"teacher{args.teacher_steps}", args.out_dir / f"student{args.student_steps}"
+    train_seconds = sft("configs/models/ranking-teacher", teacher, args.teacher_steps, 11)
+    train_seconds += sft("configs/models/ranking-student", student, args.student_steps, 14)
+    tau, report, trace = choose_temperature(args, teacher, student)
+    if not math.isfinite(report.lambda_star):
+        raise SystemExit(f"calibrated λ* = inf at τ = {tau}: no cliff to test (use --teacher-temperature)")
+    lam_star = report.lambda_star
+    print(f"{report.table()}\ntau {tau:.4f} {report.summary()}")
+    grid = [round(lam_star * (1 + args.grid_frac * k), 6) for k in range(-args.grid_half, args.grid_half + 1)]
+    wide_grid = [round(lam_star * m, 6) for m in args.wide]
+    warm = warm_start_level(student, args.val_rows, args.seeds)
+    print(f"SFT warm start: {warm}")
+    runs = [run_one(args, teacher, student, tau, lam_star, lam, seed) for lam in grid + wide_grid
+            for seed in args.seeds]
+    binding = next((r for r in report.per_position_table if r.position == report.binding_position), None)
+    calibration = {"lambda_star": lam_star, "binding_position": report.binding_position, "p": report.p,
+                   "b": report.b, "rho": (1 - report.p) / (1 - report.b), "two_sided": two_sided_lambda_star(report),
+                   "binding_token": binding.token if binding else "-", "table": report.table()}
+    out_dir = args.out_dir.relative_to(ROOT) if args.out_dir.is_relative_to(ROOT) else args.out_dir
+    return {
+        "date": f"{datetime.date.today():%Y-%m-%d}", "argv": sys.argv[1:], "out_dir": str(out_dir),
+        "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "tau": tau, "trace": trace,
+        "fixed_tau": args.teacher_temperature is not None, "target": args.target_lambda_star,
+        "calibration": calibration, "grid": grid, "centre": args.grid_half, "wide_grid": wide_grid,
+        "grid_frac": args.grid_frac, "steps": args.steps, "lr": args.lr, "seeds": args.seeds,
+        "val_rows": args.val_rows, "tail_rows": args.tail_rows, "warm": warm, "runs": runs,
+        "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 3 λ, 4 steps; no RESULTS.md")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--report-only", action="store_true", help="re-render from --out-dir/results.json")
     parser.add_argument("--notes", type=Path, default=None, help="Markdown analysis appended to the section")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench_listopd")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
@@ -308,62 +404,37 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--grid-frac", type=float, default=0.1)
     parser.add_argument("--grid-half", type=int, default=3)
+    parser.add_argument("--wide", type=lambda s: [float(x) for x in s.split(",") if x], default=[4.0],
+                        help="extra λ/λ* multipliers far above the grid (context, not in the onset)")
     parser.add_argument("--val-rows", type=int, default=256)
     parser.add_argument("--tail-rows", type=int, default=16)
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.grid_half, args.val_rows, args.bisect_steps = [0, 1], 4, 1, 64, 5
-        args.no_record = True
-        args.plot = args.out_dir / "listopd_cliff_quick.png"
+        args.wide, args.no_record, args.plot = [], True, args.out_dir / "listopd_cliff_quick.png"
     for name in ("teacher_steps", "student_steps", "steps", "val_rows", "bisect_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.grid_frac <= 0 or args.grid_half < 1 or args.grid_frac * args.grid_half >= 1:
         raise SystemExit(f"--grid-frac {args.grid_frac} / --grid-half {args.grid_half}: need 0 < frac·half < 1")
     torch.set_num_threads(1)
-    started = time.perf_counter()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    teacher, student = args.out_dir / f"teacher{args.teacher_steps}", args.out_dir / f"student{args.student_steps}"
-    train_seconds = sft("configs/models/ranking-teacher", teacher, args.teacher_steps, 11)
-    train_seconds += sft("configs/models/ranking-student", student, args.student_steps, 14)
-
-    tau, report, trace = choose_temperature(args, teacher, student)
-    if not math.isfinite(report.lambda_star):
-        raise SystemExit(f"calibrated λ* = inf at τ = {tau}: no cliff to test (use --teacher-temperature)")
-    lam_star = report.lambda_star
-    print(report.table())
-    print(f"tau {tau:.4f} {report.summary()}")
-    grid = [round(lam_star * (1 + args.grid_frac * k), 6) for k in range(-args.grid_half, args.grid_half + 1)]
-    centre = args.grid_half
-    warm = warm_start_level(student, args.val_rows, args.seeds)
-    print(f"SFT warm start: {warm}")
-    runs = [run_one(args, teacher, student, tau, lam_star, lam, seed) for lam in grid for seed in args.seeds]
-
-    s_on = onset_index(medians(runs, grid, "parse_sampled"))
-    g_on = onset_index(medians(runs, grid, "parse_greedy"))
-    error = abs(s_on - centre) if s_on is not None else len(grid) - centre
-    binding = next((r for r in report.per_position_table if r.position == report.binding_position), None)
-    meta = {
-        "argv": sys.argv[1:], "tau": tau, "trace": trace, "report": report, "onset_sampled": s_on,
-        "onset_greedy": g_on, "onset_error": error, "seed_onsets": seed_onsets(runs, grid, "parse_sampled"),
-        "binding_token": binding.token if binding else "-", "rho": (1 - report.p) / (1 - report.b),
-        "lambda_star_tau1": trace and next((lam for t, lam in trace if t == 1.0), None) or math.nan,
-        "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
-    }
-    if not math.isfinite(meta["lambda_star_tau1"]) and tau != 1.0:
-        meta["lambda_star_tau1"] = calibrate_at(teacher, student, 1.0, freeze(load_causal_lm(str(student))),
-                                                SFTModule(str(student)).tokenizer).lambda_star
-    (args.out_dir / "runs.json").write_text(json.dumps({"grid": grid, "lambda_star": lam_star, "tau": tau,
-                                                        "warm": warm, "runs": runs}, indent=1))
-    plot(runs, grid, lam_star, warm, args.plot)
-    text = section(args, meta, runs, grid, centre, warm)
+    saved = args.out_dir / ("results_quick.json" if args.quick else "results.json")
+    if args.report_only:
+        res = json.loads(saved.read_text())
+    else:
+        res = measure(args)
+        saved.write_text(json.dumps(res, indent=1))
+    onsets = analyse(res)
+    print(res["calibration"]["table"])
+    plot(res["runs"], res["grid"] + res["wide_grid"], res["calibration"]["lambda_star"], res["warm"], args.plot)
+    text = section(args, res, onsets)
     print(text)
     if not args.no_record:
         notes = args.notes.read_text() if args.notes else ""
         with args.results.open("a") as f:
             f.write(text + ("\n" + notes if notes else ""))
         print(f"appended to {args.results}")
-    print(f"RESULT listopd_onset_error {error}")
+    print(f"RESULT listopd_onset_error {onsets['error']}")
 
 
 if __name__ == "__main__":
