@@ -177,9 +177,9 @@ def evaluate(module, data: RolloutDataModule, rows: list[dict], seed: int) -> di
 
 def datamodule(seed: int, val_rows: int) -> RolloutDataModule:
     return RolloutDataModule(
-        TaskPrompts(TASK, num_rows=20000, seed=15), val_source=TaskPrompts(TASK, num_rows=val_rows, seed=VAL_SEED),
-        batch_size=32, val_batch_size=256, sampling=SamplingParams(max_new_tokens=32, temperature=1.0, engine=ENGINE),
-        seed=seed,
+        TaskPrompts(TASK, num_rows=20000, seed=15),
+        val_source=TaskPrompts(TASK, num_rows=val_rows, seed=VAL_SEED), batch_size=32, val_batch_size=256,
+        sampling=SamplingParams(max_new_tokens=32, temperature=1.0, engine=ENGINE), seed=seed,
     )
 
 
@@ -200,8 +200,9 @@ class History(L.Callback):
         self.steps: list[dict] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = trainer.callback_metrics
         keys = ("train/parse_valid", "train/tail_ratio", "train/tail_ratio_min", "train/clip_frac", "train/loss")
-        self.steps.append({k: float(trainer.callback_metrics[k]) for k in keys if k in trainer.callback_metrics})
+        self.steps.append({k: float(metrics[k]) for k in keys if k in metrics})
 
 
 def run_one(args: argparse.Namespace, teacher: Path, student: Path, tau: float, lam_star: float,
@@ -210,7 +211,8 @@ def run_one(args: argparse.Namespace, teacher: Path, student: Path, tau: float, 
     module = ListOPDModule(
         str(student), HFTeacher(str(teacher), temperature=tau), lambda_=lam, clip=CLIP, lambda_star=lam_star,
         allow_above_cliff=True, calibration_source=TaskPrompts(TASK, num_rows=CAL_ROWS, seed=CAL_SEED),
-        calibration_rows=args.tail_rows, optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0),
+        calibration_rows=args.tail_rows,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0),
     )
     data, history = datamodule(seed, args.val_rows), History()
     started = time.perf_counter()
@@ -221,9 +223,11 @@ def run_one(args: argparse.Namespace, teacher: Path, student: Path, tau: float, 
     result.update(lam=lam, seed=seed, seconds=seconds,
                   tail_ratio=statistics.median(s.get("train/tail_ratio", math.nan) for s in last),
                   clip_frac=statistics.mean(s.get("train/clip_frac", 0.0) for s in history.steps))
-    print(f"  λ={lam:.4f} seed={seed}: parse sampled {result['parse_sampled']:.3f} greedy {result['parse_greedy']:.3f}"
+    print(f"  λ={lam:.4f} seed={seed}: parse sampled {result['parse_sampled']:.3f} "
+          f"greedy {result['parse_greedy']:.3f}"
           f" | ndcg@1 sampled {result['ndcg_sampled']:.3f} greedy {result['ndcg_greedy']:.3f}"
-          f" | tail ratio {result['tail_ratio']:.3f} clip {result['clip_frac']:.3f} | {seconds:.0f} s", flush=True)
+          f" | tail ratio {result['tail_ratio']:.3f} clip {result['clip_frac']:.3f} | {seconds:.0f} s",
+          flush=True)
     return result
 
 
@@ -273,27 +277,35 @@ def plot(runs: list[dict], grid: list[float], lam_star: float, warm: dict, path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     seeds = sorted({r["seed"] for r in runs})
-    for ax, metric, label in ((axes[0], "parse", "strict parse rate"), (axes[1], "ndcg", "NDCG@1 on parsed outputs")):
+    panels = ((axes[0], "parse", "strict parse rate"), (axes[1], "ndcg", "NDCG@1 on parsed outputs"))
+    for ax, metric, label in panels:
         for mode, colour in (("sampled", "tab:blue"), ("greedy", "tab:orange")):
             key = f"{metric}_{mode}"
             for s in seeds:
                 ys = [next(r[key] for r in runs if r["seed"] == s and r["lam"] == lam) for lam in grid]
                 ax.plot(grid, ys, color=colour, alpha=0.3, lw=1)
-            ax.plot(grid, medians(runs, grid, key), color=colour, lw=2.2, marker="o", label=f"{mode}: seed median")
+            ax.plot(grid, medians(runs, grid, key), color=colour, lw=2.2, marker="o",
+                    label=f"{mode}: seed median")
             ax.axhline(warm[key], color=colour, ls=":", lw=1.5, label=f"{mode}: SFT warm start")
         ax.axvline(lam_star, color="k", ls="--", lw=1.2, label=f"predicted λ* = {lam_star:.3f}")
         if max(grid) / min(grid) > 2.5:  # points far above λ*: a log axis keeps the fine grid readable
             ax.set_xscale("log")
+            ticks = (0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8)
+            ax.set_xticks([t for t in ticks if min(grid) * 0.9 <= t <= max(grid) * 1.1])
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("λ (reward extrapolation)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylim(-0.02, 1.02)
+    for ax in axes:
+        ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"ListOPD on RankingTask K={K}: {len(seeds)} seeds (thin lines), {len(runs) // len(seeds)} λ values, "
-                 "held-out prompts")
+    fig.suptitle(f"ListOPD on RankingTask K={K}: {len(seeds)} seeds (thin lines), "
+                 f"{len(runs) // len(seeds)} λ values, held-out prompts")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -307,6 +319,8 @@ def section(args: argparse.Namespace, res: dict, onsets: dict) -> str:
     trace = ", ".join(f"τ={t:.4f}→λ*={lam:.3g}" for t, lam in res["trace"])
     how = "fixed" if res["fixed_tau"] else f"bisected for a calibrated λ* of {res['target']}"
     command = " ".join(["python benchmarks/bench_listopd_cliff.py", *res["argv"]])
+    trained = (f"model training {res['train_seconds'] / 60:.1f} min of it (models cached in `{res['out_dir']}`)"
+               if res["train_seconds"] else f"models loaded from the cache in `{res['out_dir']}` (no training)")
     wide = ""
     if res["wide_grid"]:
         wide = "\n\nFar above λ* (same settings; not part of the onset grid):\n\n" + table(
@@ -314,8 +328,7 @@ def section(args: argparse.Namespace, res: dict, onsets: dict) -> str:
     return f"""
 ## ListOPD extrapolation cliff — {res['date']} — 2-core CPU (one torch thread)
 
-`{command}`: {res['total_seconds'] / 60:.1f} min in all, of which model training {res['train_seconds'] / 60:.1f} min \
-(models cached in `{res['out_dir']}`; a rerun skips training).
+`{command}`: {res['total_seconds'] / 60:.1f} min in all; {trained}.
 
 - **Pair**: teacher configs/models/ranking-teacher (4 layers, h128), SFT {res['teacher_steps']} steps; warm start \
 configs/models/ranking-student (3 layers, h96), SFT {res['student_steps']} steps; RankingTask K={K}.
@@ -355,7 +368,8 @@ def measure(args: argparse.Namespace) -> dict:
     """Train (or load) the pair, choose τ, calibrate, run the grid; everything the report needs."""
     started = time.perf_counter()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    teacher, student = args.out_dir / f"teacher{args.teacher_steps}", args.out_dir / f"student{args.student_steps}"
+    teacher = args.out_dir / f"teacher{args.teacher_steps}"
+    student = args.out_dir / f"student{args.student_steps}"
     train_seconds = sft("configs/models/ranking-teacher", teacher, args.teacher_steps, 11)
     train_seconds += sft("configs/models/ranking-student", student, args.student_steps, 14)
     tau, report, trace = choose_temperature(args, teacher, student)
@@ -371,7 +385,8 @@ def measure(args: argparse.Namespace) -> dict:
             for seed in args.seeds]
     binding = next((r for r in report.per_position_table if r.position == report.binding_position), None)
     calibration = {"lambda_star": lam_star, "binding_position": report.binding_position, "p": report.p,
-                   "b": report.b, "rho": (1 - report.p) / (1 - report.b), "two_sided": two_sided_lambda_star(report),
+                   "b": report.b, "rho": (1 - report.p) / (1 - report.b),
+                   "two_sided": two_sided_lambda_star(report),
                    "binding_token": binding.token if binding else "-", "table": report.table()}
     out_dir = args.out_dir.relative_to(ROOT) if args.out_dir.is_relative_to(ROOT) else args.out_dir
     return {
@@ -426,7 +441,8 @@ def main() -> None:
         saved.write_text(json.dumps(res, indent=1))
     onsets = analyse(res)
     print(res["calibration"]["table"])
-    plot(res["runs"], res["grid"] + res["wide_grid"], res["calibration"]["lambda_star"], res["warm"], args.plot)
+    lam_star = res["calibration"]["lambda_star"]
+    plot(res["runs"], res["grid"] + res["wide_grid"], lam_star, res["warm"], args.plot)
     text = section(args, res, onsets)
     print(text)
     if not args.no_record:

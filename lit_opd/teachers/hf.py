@@ -82,7 +82,8 @@ class HFTeacher(Teacher):
             return None
         return TeacherOutput(
             hidden_BTH=completion_hidden(self.model, batch),
-            head_weight_VH=self.model.get_output_embeddings().weight / self.temperature,  # h·(W/τ)ᵀ = logits/τ
+            # h·(W/τ)ᵀ = logits/τ: the temperature folds into the output weight
+            head_weight_VH=self.model.get_output_embeddings().weight / self.temperature,
         )
 
     def identity(self) -> dict:
