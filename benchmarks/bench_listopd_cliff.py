@@ -80,7 +80,7 @@ from lit_opd.tasks import RankingTask
 
 K, CLIP, CAL_ROWS, CAL_SEED, VAL_SEED = 4, 0.2, 64, 13, 12
 TASK = RankingTask(k=K)
-ENGINE = "hf"  # the model's own forward: independent of the lean decode step's changes
+ENGINE = "hf"  # the recorded run sampled with the model's own forward; "auto" draws the same distribution faster
 
 
 def trainer(steps: int, callbacks: list | None = None) -> L.Trainer:

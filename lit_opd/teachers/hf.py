@@ -52,7 +52,7 @@ class HFTeacher(Teacher):
         name: str | None = None,
         temperature: float = 1.0,
     ) -> None:
-        if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
+        if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
             raise ValueError(f"HFTeacher.temperature={temperature!r} must be a finite number > 0")
         self.temperature = float(temperature)
         self.spec = None if isinstance(model, nn.Module) else as_spec(model)
@@ -82,9 +82,14 @@ class HFTeacher(Teacher):
             return None
         return TeacherOutput(
             hidden_BTH=completion_hidden(self.model, batch),
-            # h·(W/τ)ᵀ = logits/τ: the temperature folds into the output weight
-            head_weight_VH=self.model.get_output_embeddings().weight / self.temperature,
+            head_weight_VH=self._head_weight(),
         )
+
+    def _head_weight(self) -> torch.Tensor:
+        """The output layer's weight; with τ ≠ 1 divided by τ (h·(W/τ)ᵀ = logits/τ), a [V, H] copy
+        that τ = 1 must not pay for."""
+        weight = self.model.get_output_embeddings().weight
+        return weight if self.temperature == 1.0 else weight / self.temperature
 
     def identity(self) -> dict:
         ident = {"class": type(self).__name__, "name": self.name}

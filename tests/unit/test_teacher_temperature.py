@@ -37,7 +37,7 @@ def test_score_divides_the_logits_by_the_temperature(char_tok):
     assert hot.identity()["temperature"] == 2.5 and "temperature" not in HFTeacher(model, tokenizer=char_tok).identity()
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), "hot"])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), "hot", True])
 def test_bad_temperature_is_refused(char_tok, bad):
     with pytest.raises(ValueError, match=r"HFTeacher.temperature=.* must be a finite number > 0"):
         HFTeacher(make_tiny_model(len(char_tok)), tokenizer=char_tok, temperature=bad)
@@ -63,3 +63,16 @@ def test_calibrate_subcommand_takes_the_teacher_temperature(student_dir, teacher
     cli_main(args + ["--teacher_temperature", "3.0"])
     hot = capsys.readouterr().out.strip().splitlines()
     assert cold[0] == hot[0] and cold[1] != hot[1]  # same table header, different p
+
+
+def test_untempered_lean_scoring_hands_over_the_head_weight_itself(char_tok):
+    """τ = 1 must not copy the [V, H] output weight on every step; τ ≠ 1 folds 1/τ into a copy."""
+    from lit_opd.types import RolloutBatch
+
+    model = make_tiny_model(len(char_tok))
+    batch = RolloutBatch(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
+                         torch.tensor([[5, 3]]), torch.ones(1, 2, dtype=torch.bool), None, [None], torch.arange(1))
+    plain = HFTeacher(model, tokenizer=char_tok).score_hidden(batch)
+    assert plain.head_weight_VH is model.get_output_embeddings().weight
+    hot = HFTeacher(model, tokenizer=char_tok, temperature=2.0).score_hidden(batch)
+    torch.testing.assert_close(hot.head_weight_VH, model.get_output_embeddings().weight / 2.0)
