@@ -74,6 +74,7 @@ from lit_opd import (
     TaskPrompts,
 )
 from lit_opd.calibration import calibrate
+from lit_opd.cliff import lambda_star
 from lit_opd.methods.list_opd import ranking_score
 from lit_opd.models import freeze, load_causal_lm, load_tokenizer  # noqa: E402
 from lit_opd.tasks import RankingTask
@@ -138,21 +139,14 @@ def choose_temperature(args: argparse.Namespace, teacher: Path, student: Path) -
 
 
 def two_sided_lambda_star(report) -> float:  # noqa: ANN001 - a CalibrationReport
-    """Diagnostic, not the library's λ*: the clip band [1−c, 1+c] on the tail ratio (1−q)/(1−b) read
-    two-sided. Where p < b, λ > 1 extrapolates the student's tail *above* the warm start's, and the
-    upper edge binds at logit q = logit(1 − (1+c)(1−b)); the calibration counts those positions as
-    +inf. Median over prompts of the per-prompt minimum, like ``calibrate``."""
-    def logit(x: float) -> float:
-        return math.log(x) - math.log1p(-x)
-
-    per_prompt = []
-    for prompt in report.prompts:
-        lams = [s.lambda_star for s in prompt.positions if s.p > s.b]
-        for s in prompt.positions:
-            root = 1.0 - (1.0 + CLIP) * (1.0 - s.b)
-            if s.p < s.b and root > 0:
-                lams.append((logit(root) - logit(s.b)) / (logit(s.p) - logit(s.b)))
-        per_prompt.append(min(lams, default=math.inf))
+    """Diagnostic beside the one-sided λ* the benchmark runs with: the same positions read with the
+    two-sided band (``lambda_star(..., two_sided=True)``; where p < b, λ > 1 extrapolates the
+    student's tail *above* the warm start's). Median over prompts of the per-prompt minimum, as
+    ``calibrate(..., two_sided=True)`` computes it."""
+    per_prompt = [
+        min((lambda_star(s.p, s.b, CLIP, two_sided=True) for s in prompt.positions), default=math.inf)
+        for prompt in report.prompts
+    ]
     return statistics.median(per_prompt)
 
 

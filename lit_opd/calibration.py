@@ -6,7 +6,7 @@ structural position t the mass both models put on the contract-valid tokens C_t,
 position with the smallest clip-safe threshold:
 
     p_t = Σ_{v∈C_t} π_T(v | prompt, y_<t)        b_t = Σ_{v∈C_t} π_warm(v | prompt, y_<t)
-    λ*_t = lambda_star(p_t, b_t, c)   if p_t > b_t,   else +inf
+    λ*_t = lambda_star(p_t, b_t, c)   if p_t > b_t,   else +inf   (two_sided: for p_t ≠ b_t)
     λ*(prompt) = min_t λ*_t   (its argmin is the prompt's binding position)
     λ* = median over prompts of λ*(prompt)
 
@@ -27,9 +27,10 @@ uses every answer token. Positions are answer-token indices, so they line up acr
 answers have the same layout (the ranking task with a fixed K).
 
 **No limit.** Where p_t ≤ b_t the teacher does not pull the valid class above the warm start, so
-extrapolating does not push toward the tail boundary: λ*_t = +inf. If every position of every prompt
-is like that (e.g. teacher == warm start, where p_t = b_t exactly) the report has λ* = +inf and no
-binding position: there is no cliff.
+extrapolating does not push toward the lower tail edge: λ*_t = +inf (``two_sided=True`` instead
+watches the upper edge there, where λ > 1 pushes the tail above the warm start's; see
+:mod:`lit_opd.cliff`). With no finite λ*_t anywhere (e.g. teacher == warm start) the report has
+λ* = +inf and no binding position: there is no cliff.
 
 Run: ``python -m lit_opd calibrate --teacher T --student S --num_rows 64 --seed 0 --clip 0.2 --k 4``
 (``--teacher_temperature τ`` calibrates ``HFTeacher(T, temperature=τ)``, the distribution it scores with).
@@ -341,7 +342,7 @@ def _mass(log_inside: float) -> float:
 
 def calibrate_batches(
     teacher: nn.Module, base: nn.Module, tokenizer, batches: Sequence[CalibrationBatch],  # noqa: ANN001
-    c: float = 0.2, anchor: str = "base",
+    c: float = 0.2, anchor: str = "base", two_sided: bool = False,
 ) -> CalibrationReport:
     """Calibrate on teacher-forced batches (:func:`build_batches`, on the models' device).
     ``teacher`` and ``base`` (the warm start) are causal LMs."""
@@ -352,7 +353,8 @@ def calibrate_batches(
             stats = []
             for (index, valid), (t_in, _), (b_in, _) in zip(targets, teacher_masses[row], base_masses[row]):
                 p, b = _mass(t_in), _mass(b_in)
-                lam = lambda_star_fn(p, b, c, anchor) if p > b else math.inf  # p ≤ b: no limit here
+                limited = p > b or (two_sided and p != b)  # one-sided, p ≤ b: no limit here
+                lam = lambda_star_fn(p, b, c, anchor, two_sided) if limited else math.inf
                 token = tokenizer.decode([int(batch.rollout.completion_ids_BT[row, index])])
                 stats.append(PositionStat(index, token, valid, p, b, lam))
             prompts.append(PromptCalibration(stats))
@@ -361,7 +363,7 @@ def calibrate_batches(
 
 def calibrate(
     teacher: nn.Module, base: nn.Module, tokenizer, rows: Sequence[Mapping], c: float = 0.2,  # noqa: ANN001
-    anchor: str = "base", batch_size: int = 16, positions: str = "structural",
+    anchor: str = "base", batch_size: int = 16, positions: str = "structural", two_sided: bool = False,
     **prompt_settings,  # noqa: ANN003
 ) -> CalibrationReport:
     """Calibrate on task rows (``prompt`` + ``answer``), encoded like the RolloutDataModule does
@@ -369,7 +371,7 @@ def calibrate(
     records = encode_rows(tokenizer, rows, **prompt_settings)
     device = next(base.parameters()).device
     batches = [b.to(device) for b in build_batches(tokenizer, records, batch_size, positions)]
-    return calibrate_batches(teacher, base, tokenizer, batches, c, anchor)
+    return calibrate_batches(teacher, base, tokenizer, batches, c, anchor, two_sided)
 
 
 @torch.no_grad()
@@ -386,37 +388,3 @@ def binding_tail_ratios(
                 j = [index for index, _ in batch.targets[row]].index(binding.position)
                 ratios.append(math.exp(log_masses[j][1]) / (1.0 - binding.b))
     return torch.tensor(ratios, dtype=torch.float64)
-
-
-# ----- python -m lit_opd calibrate --------------------------------------------------------------
-def calibrate_main(argv: list[str]) -> CalibrationReport:
-    """``calibrate --teacher PATH --student PATH [--num_rows N --seed S --clip C --k K]``: λ* of a
-    teacher and a warm-start student on RankingTask rows; prints the table and a summary line."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="python -m lit_opd calibrate", description=calibrate_main.__doc__)
-    parser.add_argument("--teacher", type=str, required=True, help="teacher model directory or hub id")
-    parser.add_argument("--student", type=str, required=True, help="warm-start (G-OPD reference) model")
-    parser.add_argument("--tokenizer", type=str, default=None, help="defaults to the student's")
-    parser.add_argument("--num_rows", type=int, default=64, help="calibration prompts")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration rows")
-    parser.add_argument("--clip", type=float, default=0.2, help="clip strength c")
-    parser.add_argument("--k", type=int, default=4, help="RankingTask K")
-    parser.add_argument("--anchor", type=str, default="base", help="'base' (warm start) or 'teacher'")
-    parser.add_argument("--positions", type=str, default="structural", help="'structural' or 'all'")
-    parser.add_argument("--teacher_temperature", type=float, default=1.0, help="HFTeacher.temperature")
-    cfg = parser.parse_args(argv)
-    from lit_opd.models import freeze, load_causal_lm, load_tokenizer
-    from lit_opd.tasks.ranking import RankingTask
-    from lit_opd.teachers.hf import HFTeacher
-
-    try:
-        tokenizer = load_tokenizer(cfg.tokenizer, cfg.student)
-        teacher = HFTeacher(cfg.teacher, tokenizer, temperature=cfg.teacher_temperature).scorer
-        base = freeze(load_causal_lm(cfg.student))
-        rows = RankingTask(k=cfg.k).make_rows(cfg.num_rows, cfg.seed)
-        report = calibrate(teacher, base, tokenizer, rows, cfg.clip, cfg.anchor, positions=cfg.positions)
-    except (OSError, ValueError) as err:
-        parser.error(str(err))
-    print(f"{report.table()}\nprompts {report.num_prompts} c {report.c}\n{report.summary()}")
-    return report

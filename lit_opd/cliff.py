@@ -28,6 +28,13 @@ The head root b + cb comes before the tail root b + c(1−b) only when b < 1/2 (
 Properties: λ* > 1 ⇔ (1−p)/(1−b) > 1−c when the tail binds (b ≥ 1/2); with p, b → 1 at fixed
 ρ = (1−p)/(1−b), λ* → ln(1−c)/ln ρ. K-ary: q*_k(λ) = softmax_k((1−λ) ln b_k + λ ln p_k); the
 threshold is found by bisection on the class-mass predicate (see :func:`lambda_star_kary`).
+
+Two-sided band (``two_sided=True``, our extension, not in METHODS.md §3.1, which assumes p > b):
+where the teacher is *less* certain than the warm start (p < b), q*(λ) falls with λ and its tail
+grows past the teacher's for λ > 1 — toward invalid outputs. The same band then binds from the other
+side: tail (1−q)/(1−a) ≤ 1+c, i.e. q = 1 − (1+c)(1−a), or head q/a ≥ 1−c; λ* is the first root
+reached. The K-ary predicate of :func:`lambda_star_kary` already checks both sides; two-sided,
+:func:`lambda_star` equals it in the Bernoulli-exact case.
 """
 
 from __future__ import annotations
@@ -73,32 +80,41 @@ def _logit_tail_root(a: float, c: float) -> float:
     return math.log(-math.expm1(log_tail)) - log_tail
 
 
-def lambda_star(p: float, b: float, c: float, anchor: str = "base") -> float:
+def lambda_star(p: float, b: float, c: float, anchor: str = "base", two_sided: bool = False) -> float:
     """Smallest λ at which the Bernoulli fixed point q*(λ) leaves the clip band of the anchor.
 
     λ* = min over the binding roots q_r of [logit q_r − logit b] / [logit p − logit b], with
     q_r = 1 − (1−c)(1−a) (tail) and, when a < 1/(1+c), q_r = (1+c) a (head); a = b for
     ``anchor="base"`` (METHODS.md §3.1 step 3), a = p for ``anchor="teacher"`` (step 4).
+    ``two_sided``: where p < b use the band's other edges, q_r = 1 − (1+c)(1−a) (when positive)
+    and q_r = (1−c) a; p = b gives +inf (q* does not move with λ).
 
     Raises:
-        ValueError: unless 0 < b < p < 1 and 0 < c < 1. The formula needs the teacher to put more
-            mass on the valid token than the warm start (p > b): only then does λ push q* toward the
-            tail boundary, and at p = b the fixed point does not move with λ at all.
+        ValueError: unless 0 < p, b, c < 1, and (one-sided) b < p: only then does λ push q* toward
+            the lower tail edge the one-sided band watches.
     """
     _check_open_unit("p", p)
     _check_open_unit("b", b)
     _check_open_unit("c", c)
-    if not b < p:
+    if not b < p and not two_sided:
         raise ValueError(
             f"lambda_star needs b < p, got b={b!r}, p={p!r}: the teacher must put more mass on the valid "
-            "token than the warm start, otherwise extrapolation does not move q* toward the tail boundary"
+            "token than the warm start, otherwise extrapolation does not move q* toward the tail boundary "
+            "(two_sided=True also watches the upper edge)"
         )
     if anchor not in ANCHORS:
         raise ValueError(f"anchor={anchor!r}: use one of {', '.join(ANCHORS)}")
+    if p == b:
+        return math.inf
     a = b if anchor == "base" else p
-    roots = [_logit_tail_root(a, c)]
-    if (1.0 + c) * a < 1.0:
-        roots.append(_logit((1.0 + c) * a))
+    if p > b:
+        roots = [_logit_tail_root(a, c)]
+        if (1.0 + c) * a < 1.0:
+            roots.append(_logit((1.0 + c) * a))
+    else:
+        roots = [_logit((1.0 - c) * a)]
+        if (1.0 + c) * (1.0 - a) < 1.0:
+            roots.append(_logit(1.0 - (1.0 + c) * (1.0 - a)))
     logit_b, gap = _logit(b), _logit(p) - _logit(b)
     return min((root - logit_b) / gap for root in roots)
 

@@ -114,6 +114,9 @@ class ListOPDModule(OPDModule):
         delta: margin below λ* for ``lambda_="auto"``.
         allow_above_cliff: run with a λ above λ* on purpose (e.g. to locate the cliff).
         anchor: clip anchor of λ*: "base" (the warm start, this module's clip) or "teacher".
+        two_sided_cliff: also count positions where the teacher is less certain than the warm start
+            (p < b): there λ > 1 pushes the tail above the warm start's, and λ* is where it leaves
+            the band's upper edge (:mod:`lit_opd.cliff`). Off: METHODS.md §3.1's reading (p > b only).
         calibration_source: rows (prompt + answer) to calibrate on; None = the datamodule's
             validation rows, else its training rows. Encoded with the datamodule's prompt settings.
         calibration_rows: how many rows to calibrate on (0 = no calibration: needs ``lambda_star``
@@ -135,6 +138,7 @@ class ListOPDModule(OPDModule):
         delta: float = 0.02,
         allow_above_cliff: bool = False,
         anchor: Literal["base", "teacher"] = "base",
+        two_sided_cliff: bool = False,
         calibration_source: PromptSource | None = None,
         calibration_rows: int = 32,
         reweight_to_base: bool = True,
@@ -157,6 +161,7 @@ class ListOPDModule(OPDModule):
         self.lambda_setting = lambda_
         self.lambda_: float | None = None if lambda_ == "auto" else float(lambda_)
         self.c, self.delta, self.allow_above_cliff, self.anchor = clip, delta, allow_above_cliff, anchor
+        self.two_sided_cliff = two_sided_cliff
         self.calibration_source, self.calibration_rows = calibration_source, calibration_rows
         self.reweight_to_base = reweight_to_base
         self.given_lambda_star = lambda_star
@@ -214,7 +219,7 @@ class ListOPDModule(OPDModule):
         batches = build_batches(self.tokenizer, list(records)[: self.calibration_rows])
         self._calibration_batches = [b.to(self.device) for b in batches]
         self.calibration = calibrate_batches(model, self.reference, self.tokenizer, self._calibration_batches,
-                                             self.c, self.anchor)
+                                             self.c, self.anchor, self.two_sided_cliff)
         if self.given_lambda_star is None:
             self.set_lambda_star(self._rank_zero_value(self.calibration.lambda_star))
         return self.calibration

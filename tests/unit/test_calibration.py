@@ -135,6 +135,18 @@ def test_oracle_models_recover_the_hand_value(char_tok):
     assert first_id.p == pytest.approx(0.99 + 3 * 0.01 / (V - 1))
 
 
+def test_two_sided_calibration_counts_a_less_certain_teacher(char_tok):
+    """Oracle teacher 0.9 against warm start 0.95 (p < b everywhere): one-sided there is no limit;
+    two-sided the band's upper edge gives the hand value [logit .94 − logit .95]/[logit .9 − logit .95]."""
+    V, rows = len(char_tok), RankingTask(k=4).make_rows(2, 0)
+    one_sided = calibrate(Oracle(0.9, V), Oracle(0.95, V), char_tok, rows, c=0.2)
+    assert one_sided.lambda_star == math.inf and one_sided.binding_position is None
+    two_sided = calibrate(Oracle(0.9, V), Oracle(0.95, V), char_tok, rows, c=0.2, two_sided=True)
+    assert two_sided.lambda_star == pytest.approx(0.2581637421, abs=1e-9)
+    assert two_sided.binding_position == 9  # a single-token C_t, as in the hand-value test above
+    assert two_sided.lambda_star == pytest.approx(lambda_star(0.9, 0.95, 0.2, two_sided=True))
+
+
 def test_build_batches_checks_answers(char_tok):
     rows = RankingTask(k=4).make_rows(3, 0)
     batches = build_batches(char_tok, encode_rows(char_tok, rows), batch_size=2)
@@ -151,3 +163,8 @@ def test_calibrate_subcommand_prints_the_summary(student_dir, teacher_dir, capsy
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:3] == ["pos", "tok", "|C|"]
     assert re.fullmatch(r"lambda_star \S+ binding_position (\d+|none) p \S+ b \S+", lines[-1])
+    cli_main(["calibrate", "--teacher", teacher_dir, "--student", student_dir, "--num_rows", "3",
+              "--seed", "1", "--two_sided", "true"])
+    two_sided = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"lambda_star \S+ binding_position (\d+|none) p \S+ b \S+", two_sided)
+    assert float(two_sided.split()[1]) <= float(lines[-1].split()[1])  # more positions can only bind sooner

@@ -176,3 +176,19 @@ def test_base_relative_clip_is_inactive_below_lambda_star_and_binds_above():
 def test_bad_inputs_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_two_sided_band_where_the_teacher_is_less_certain():
+    """p < b: q*(λ) falls with λ, so the band's upper tail edge binds: (1−q*)/(1−b) = 1 + c at λ*.
+    Hand value: [logit 0.94 − logit 0.95] / [logit 0.9 − logit 0.95] = 0.258164 (c = 0.2)."""
+    lam = lambda_star(0.9, 0.95, 0.2, two_sided=True)
+    assert lam == pytest.approx(0.2581637421, abs=1e-9)
+    assert tail_ratio(q_star(0.9, 0.95, lam), 0.95) == pytest.approx(1.2, abs=1e-9)
+    # the K-ary predicate checks both edges already: the Bernoulli-exact case agrees
+    assert lambda_star_kary([0.9, 0.1], [0.95, 0.05], [0], 0.2) == pytest.approx(lam, abs=1e-8)
+    # teacher anchor: the tail measured against the teacher's reaches 1 + c
+    lam_t = lambda_star(0.9, 0.95, 0.2, anchor="teacher", two_sided=True)
+    assert (1 - q_star(0.9, 0.95, lam_t)) / 0.1 == pytest.approx(1.2, abs=1e-9) and lam_t > 1
+    # p > b: both readings agree; p = b: q* never moves
+    assert lambda_star(0.99, 0.988, 0.2, two_sided=True) == lambda_star(0.99, 0.988, 0.2)
+    assert lambda_star(0.9, 0.9, 0.2, two_sided=True) == math.inf

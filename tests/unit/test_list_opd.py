@@ -125,6 +125,10 @@ def test_auto_is_lambda_star_minus_delta(char_tok):
     same = ListOPDModule(make_tiny_model(len(char_tok)), teacher, tokenizer=char_tok)  # λ* = +inf
     with pytest.raises(ValueError, match="no cliff to stay below"):
         same.calibrate(encode_rows(char_tok, ROWS[:2]))
+    # two-sided, positions where the random teacher is less certain than the warm start count too
+    two_sided = _module(char_tok, two_sided_cliff=True).calibrate(encode_rows(char_tok, ROWS[:4]))
+    assert two_sided.lambda_star <= report.lambda_star
+    assert any(s.p < s.b and math.isfinite(s.lambda_star) for pr in two_sided.prompts for s in pr.positions)
 
 
 @pytest.mark.parametrize(
