@@ -241,14 +241,28 @@ class RolloutDataModule(L.LightningDataModule):
     @torch.no_grad()
     def evaluate(self, module: L.LightningModule) -> dict[str, float]:
         """Greedy accuracy of ``module.policy`` on every validation prompt (outside Lightning's
-        loops: callbacks use it before/after training). Deterministic, so every rank agrees."""
-        correct = []
-        for batch in self.val_dataloader():
-            rollout = self.rollout(batch.to(module.device), module, "greedy", step=0)
-            correct.append(self.grade(rollout))
-        if not correct:
+        loops: callbacks use it before/after training; every rank must call it). Under DDP each
+        rank decodes every world_size-th prompt and the counts are summed; a sharded student needs
+        every rank in every forward, so there each rank decodes all. Greedy decoding is
+        deterministic, so every rank returns the same value. Also returns ``num_prompts`` and
+        ``decoded_here`` (the prompts this rank decoded)."""
+        if not self.val_rows:
             raise ValueError("evaluate() needs validation prompts: set val_source or val_size > 0")
-        return {"accuracy": torch.cat(correct).mean().item()}
+        trainer = getattr(self, "trainer", None)
+        split = trainer is not None and trainer.world_size > 1 and not _is_sharded(trainer)
+        rows = self.val_rows[trainer.global_rank :: trainer.world_size] if split else self.val_rows
+        correct, count = self.greedy_correct(rows, module)
+        if split:
+            totals = torch.tensor([correct, count], dtype=torch.float64, device=module.device)
+            correct, count = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        return {"accuracy": correct / count, "num_prompts": int(count), "decoded_here": len(rows)}
+
+    def greedy_correct(self, rows: list[dict], module: L.LightningModule) -> tuple[float, int]:
+        """(prompts the verifier accepts, prompts) for greedy completions of ``rows`` by the student."""
+        correct = 0.0
+        for batch in self._loader(rows, self.val_batch_size):
+            correct += float(self.grade(self.rollout(batch.to(module.device), module, "greedy", step=0)).sum())
+        return correct, len(rows)
 
     def decode(self, rollout: RolloutBatch) -> list[str]:
         ids = rollout.completion_ids_BT.masked_fill(~rollout.completion_mask_BT, self.tokenizer.pad_token_id)

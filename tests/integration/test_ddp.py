@@ -52,3 +52,14 @@ def test_ranks_end_with_identical_weights_that_moved(ranks):
     assert r0["final"]["sha256"] == r1["final"]["sha256"], (r0["final"], r1["final"])
     assert r0["final"]["sha256"] != r0["initial"]["sha256"], "the student did not move"
     assert r0["final"]["sum"] != pytest.approx(r0["initial"]["sum"], abs=1e-6)
+
+
+def test_evaluate_splits_prompts_over_ddp_ranks_and_agrees(ranks):
+    """DDP: each rank greedily decodes its share of the validation prompts and the counts are summed;
+    FSDP2 (every forward is a collective): each rank decodes all. Same accuracy as unsplit."""
+    correct, count = ranks[0]["unsplit"]
+    for rec in ranks:
+        assert rec["evaluate"]["num_prompts"] == count == 11
+        assert rec["evaluate"]["accuracy"] == pytest.approx(correct / count)
+    decoded = [rec["evaluate"]["decoded_here"] for rec in ranks]
+    assert decoded == ([11, 11] if ranks[0]["sharded"] else [6, 5])

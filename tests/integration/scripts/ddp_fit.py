@@ -6,7 +6,7 @@ Run by tests/integration/test_ddp.py.
 
 Lightning re-executes this script for rank 1. Each rank writes ``OUT_DIR/rank{r}.json``: the
 prompt rows and completion tokens it trained on at every step, its student checksum before and
-after training, and the world size it saw.
+after training, the world size it saw, and ``evaluate()``'s result.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ class Record(L.Callback):
             "initial": self.initial,
             "final": checksum(pl_module.student),
             "sharded": any(hasattr(p, "full_tensor") for p in pl_module.student.parameters()),
+            # greedy accuracy on the 11 validation prompts: split over ranks (ddp) or not (fsdp2),
+            # and the same prompts decoded unsplit on this rank, for comparison
+            "evaluate": trainer.datamodule.evaluate(pl_module),
+            "unsplit": trainer.datamodule.greedy_correct(trainer.datamodule.val_rows, pl_module),
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -76,7 +80,7 @@ def fit_two_ranks(student: str, teacher: str, strategy, max_steps: int, callback
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
     )
     data = RolloutDataModule(
-        TaskPrompts(AdditionTask(1, 2), num_rows=64), val_size=0, batch_size=4,
+        TaskPrompts(AdditionTask(1, 2), num_rows=64), val_size=11, batch_size=4,
         sampling=SamplingParams(max_new_tokens=6),
     )
     trainer = L.Trainer(
