@@ -52,7 +52,8 @@ class HFTeacher(Teacher):
         name: str | None = None,
         temperature: float = 1.0,
     ) -> None:
-        if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
+        number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+        if not (number and 0.0 < temperature < float("inf")):
             raise ValueError(f"HFTeacher.temperature={temperature!r} must be a finite number > 0")
         self.temperature = float(temperature)
         self.spec = None if isinstance(model, nn.Module) else as_spec(model)
