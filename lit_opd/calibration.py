@@ -353,8 +353,8 @@ def calibrate_batches(
             stats = []
             for (index, valid), (t_in, _), (b_in, _) in zip(targets, teacher_masses[row], base_masses[row]):
                 p, b = _mass(t_in), _mass(b_in)
-                limited = p > b or (two_sided and p != b)  # one-sided, p ≤ b: no limit here
-                lam = lambda_star_fn(p, b, c, anchor, two_sided) if limited else math.inf
+                # one-sided, p ≤ b: no limit here (two-sided, lambda_star handles every p, b)
+                lam = lambda_star_fn(p, b, c, anchor, two_sided) if p > b or two_sided else math.inf
                 token = tokenizer.decode([int(batch.rollout.completion_ids_BT[row, index])])
                 stats.append(PositionStat(index, token, valid, p, b, lam))
             prompts.append(PromptCalibration(stats))

@@ -187,11 +187,7 @@ def _step_weights(model: nn.Module, decoder: nn.Module, cast: torch.dtype | None
             bias = None if bias is None else bias.detach().to(cast)
         return weight, bias
 
-    layers = []
-    for layer in decoder.layers:
-        a, m = layer.self_attn, layer.mlp
-        layers.append({
-            "q": pair(a.q_proj), "k": pair(a.k_proj), "v": pair(a.v_proj), "o": pair(a.o_proj),
-            "gate": pair(m.gate_proj), "up": pair(m.up_proj), "down": pair(m.down_proj),
-        })
+    names = ("q", "k", "v", "o", "gate", "up", "down")  # the order of _attn_linears + _mlp_linears
+    layers = [dict(zip(names, map(pair, (*_attn_linears(layer), *_mlp_linears(layer)))))
+              for layer in decoder.layers]
     return {"layers": layers, "head": pair(model.get_output_embeddings())}
