@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 PATHS = ("naive", "chunked_logits", "lean_hidden")
 
 
@@ -46,8 +45,8 @@ def worker(path: str, V: int, T: int, H: int, chunk: int, device: str) -> dict:
     """One measurement, in a fresh process so peak memory belongs to this path alone."""
     import torch
 
-    from lit_opd import divergences as D
-    from lit_opd.lean_loss import hidden_divergence
+    from lit_opd.objectives import divergences as D
+    from lit_opd.objectives.lean import hidden_divergence
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     g = torch.Generator().manual_seed(0)

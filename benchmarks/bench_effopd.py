@@ -4,7 +4,7 @@
     python benchmarks/bench_effopd.py --quick          # smoke test, ~1 min, writes nothing to RESULTS.md
     python benchmarks/bench_effopd.py --report-only    # re-render table/plot/section from saved runs
 
-Setup (mirrors configs/quickstart.yaml and configs/effopd/quickstart.yaml): student
+Setup (mirrors configs/quickstart.yaml and configs/eff_opd/quickstart.yaml): student
 lit_opd/assets/addition/student, teacher lit_opd/assets/addition/teacher, reversed 1-3 digit
 addition, 64 prompts a step drawn from 20000 training rows (TaskPrompts seed 4), on-policy samples
 at temperature 1, forward KL (JSD beta=0), AdamW lr 2e-3, max_new_tokens 6.
@@ -59,14 +59,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(ROOT))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from lit_opd import HFTeacher, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
 from lit_opd.callbacks import EffOPDCallback, UpdateDynamicsCallback  # noqa: E402
-from lit_opd.callbacks.eff_opd import policy_of, select_parameters  # noqa: E402
+from lit_opd.methods.eff_opd.callback import policy_of, select_parameters  # noqa: E402
 from lit_opd.tasks import AdditionTask  # noqa: E402
 
 STUDENT = "lit_opd/assets/addition/student"

@@ -21,11 +21,11 @@ Setup (RankingTask K=4, char tokenizer, all on CPU with one torch thread):
 2. **Teacher temperature τ** (``HFTeacher(temperature=τ)``: the teacher's distribution is
    softmax(logits/τ) in training *and* in calibration, which reads ``HFTeacher.scorer``). At τ = 1
    the teacher's tail at the structural positions is thinner than (1 − c) times the warm start's,
-   so λ* < 1 (the regime of configs/listopd/*.yaml). τ > 1 fattens the teacher's tails; τ is
+   so λ* < 1 (the regime of configs/list_opd/*.yaml). τ > 1 fattens the teacher's tails; τ is
    set by bisection so that the calibrated λ* is ``--target-lambda-star`` (default 1.2, the paper's
    regime λ* > 1), or fixed with ``--teacher-temperature``. This is a choice of teacher, made before
    any ListOPD run and from calibration only; the runs then test the prediction.
-3. **Calibration**: ``lit_opd.calibration.calibrate`` (64 RankingTask rows, seed 13, c = 0.2,
+3. **Calibration**: ``lit_opd.methods.list_opd.calibration.calibrate`` (64 RankingTask rows, seed 13, c = 0.2,
    structural positions, base anchor) gives λ*, p, b and the binding position.
 4. **Grid**: λ = λ*·(1 + 0.1 k), k = −3..3 (``--grid-frac``, ``--grid-half``); the predicted λ* is
    the middle grid point. ``--wide`` adds points far above it (default 4λ*), reported apart and
@@ -59,7 +59,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import lightning as L
 import torch
@@ -73,9 +72,9 @@ from lit_opd import (
     SFTModule,
     TaskPrompts,
 )
-from lit_opd.calibration import calibrate
-from lit_opd.cliff import lambda_star
-from lit_opd.methods.list_opd import ranking_score
+from lit_opd.methods.list_opd.calibration import calibrate
+from lit_opd.methods.list_opd.cliff import lambda_star
+from lit_opd.methods.list_opd.module import ranking_score
 from lit_opd.models import freeze, load_causal_lm, load_tokenizer  # noqa: E402
 from lit_opd.tasks import RankingTask
 

@@ -20,7 +20,6 @@ import argparse
 import datetime
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -36,7 +34,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from lit_opd import HFTeacher, ListPrompts, OPDModule, RolloutDataModule, SamplingParams  # noqa: E402
 from lit_opd.tasks import char_tokenizer  # noqa: E402
-from tests.helpers import make_tiny_model  # noqa: E402
+from lit_opd.tiny import make_tiny_model  # noqa: E402
 
 BATCH, NEW_TOKENS, LR, BETA = 8, 32, 1e-4, 0.5
 DEVICE = "cpu"
@@ -198,7 +196,7 @@ def raw_compute() -> dict:
         with torch.no_grad():
             t_logits = completion_logits(teacher, batch)
         t2 = now()
-        from lit_opd.divergences import generalized_jsd
+        from lit_opd.objectives.divergences import generalized_jsd
 
         generalized_jsd(completion_logits(student, batch), t_logits, BETA, out.mask_BT).backward()
         t3 = now()

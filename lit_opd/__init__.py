@@ -5,8 +5,8 @@ teacher scoring → divergence / sampled-token objective → optimizer step.
 """
 
 from lit_opd.callbacks import AccuracyReport, EffOPDCallback, UpdateDynamicsCallback
-from lit_opd.cliff import lambda_star, lambda_star_kary, q_star
-from lit_opd.calibration import CalibrationReport, calibrate
+from lit_opd.methods.list_opd.cliff import lambda_star, lambda_star_kary, q_star
+from lit_opd.methods.list_opd.calibration import CalibrationReport, calibrate
 from lit_opd.methods import ListOPDModule, OPDModule, PolicyModule, SFTModule
 from lit_opd.models import ModelSpec
 from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule, TaskPrompts

@@ -70,6 +70,9 @@ class PromptBatch:
         answer_ids: B token-id lists of ``answer + EOS`` (empty where no answer); used by the
             off-policy (dataset) completions of GKD and by SFT.
         row_index_B: int64 (B,), index of each prompt in its source (for logs and debugging).
+        rows: B source rows as the prompt source gave them (every field: ``prompt``, ``answer`` and
+            whatever else a row holds, e.g. ranking ``candidates`` or a ``domain``), so methods read
+            a row's metadata from the batch instead of looking it up.
     """
 
     prompt_ids_BP: Tensor
@@ -77,6 +80,7 @@ class PromptBatch:
     answers: list[str | None]
     answer_ids: list[list[int]]
     row_index_B: Tensor
+    rows: list[dict] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> PromptBatch:
         return replace(
@@ -96,6 +100,9 @@ class RolloutBatch:
         prompt_mask_BP: int64 (B, P).
         completion_ids_BT: int64 (B, T), right padded with pad id after EOS / the limit.
         completion_mask_BT: bool (B, T), True on generated tokens (EOS included, padding excluded).
+        loss_mask_BT: bool (B, T), True on the completion tokens the objective trains on. Equal to
+            ``completion_mask_BT`` (filled in when not given) unless a source says otherwise, e.g. a
+            tool's output inside a multi-turn completion is part of the completion but not trained on.
         sampler_logp_BT: float (B, T) log-prob of each token under the distribution it was drawn
             from (temperature / top-k / top-p applied); None for dataset completions.
         answers: B reference answers (None where unknown).
@@ -104,6 +111,7 @@ class RolloutBatch:
         truncated_B: bool (B,), True where the row hit ``max_new_tokens`` without EOS.
         correct_B: float (B,) verifier result (1 correct, 0 wrong), validation only.
         rollout_seconds: wall time spent generating this batch.
+        rows: B source rows (see :class:`PromptBatch`), repeated for the samples of one prompt.
     """
 
     prompt_ids_BP: Tensor
@@ -118,6 +126,12 @@ class RolloutBatch:
     correct_B: Tensor | None = None
     rollout_seconds: float = 0.0
     extras: dict = field(default_factory=dict)
+    loss_mask_BT: Tensor | None = None
+    rows: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.loss_mask_BT is None:
+            self.loss_mask_BT = self.completion_mask_BT
 
     @property
     def prompt_len(self) -> int:

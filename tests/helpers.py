@@ -4,27 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
-
-
-def make_tiny_model(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0) -> Qwen3ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        tie_word_embeddings=True,
-    )
-    return Qwen3ForCausalLM(config)
+from lit_opd.tiny import make_tiny_model  # noqa: F401 - re-exported for the tests
 
 
 def save_tiny_model(model, tokenizer, path: str | Path) -> None:  # noqa: ANN001

@@ -1,8 +1,10 @@
-"""Methods, each a LightningModule sharing the RolloutDataModule."""
+"""Methods, one home each (module, own math, config defaults, README), sharing the
+RolloutDataModule and :class:`~lit_opd.methods.base.PolicyModule`."""
 
 from lit_opd.methods.base import PolicyModule
+from lit_opd.methods.eff_opd import EffOPDCallback, UpdateDynamicsCallback
 from lit_opd.methods.list_opd import ListOPDModule
 from lit_opd.methods.opd import OPDModule
 from lit_opd.methods.sft import SFTModule
 
-__all__ = ["PolicyModule", "OPDModule", "SFTModule", "ListOPDModule"]
+__all__ = ["PolicyModule", "OPDModule", "SFTModule", "ListOPDModule", "EffOPDCallback", "UpdateDynamicsCallback"]

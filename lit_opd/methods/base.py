@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_opd import lora
 from lit_opd.models import ModelSpec, as_spec, check_model_vocab, load_causal_lm, load_tokenizer
+from lit_opd.rollout.prompts import PromptTokenizer
 from lit_opd.types import RolloutBatch
 
 
@@ -87,6 +88,12 @@ class PolicyModule(L.LightningModule):
     def completion_source(self) -> str:
         """Where this training step's completions come from: "student" (on-policy) by default."""
         return "student"
+
+    def connect_prompts(self, encoder: PromptTokenizer, train_rows: list[dict], val_rows: list[dict]) -> None:
+        """Called once by the RolloutDataModule's ``setup`` with its prompt encoder (chat template,
+        length policy) and the encoded training / validation records, so a method that needs rows
+        outside a batch (ListOPD's calibration) gets them without reaching into the datamodule.
+        Nothing to do by default."""
 
     # ----- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):  # noqa: ANN201

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutput
 
-from lit_opd.lean_loss import completion_hidden, plain_head
+from lit_opd.objectives.lean import completion_hidden, plain_head
 from lit_opd.models import ModelSpec, as_spec, completion_logits, freeze, load_causal_lm, load_tokenizer
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 
-from lit_opd.callbacks.eff_opd import EffOPDCallback
+from lit_opd.methods.eff_opd.callback import EffOPDCallback
 from tests.integration.scripts.ddp_fit import checksum, fit_two_ranks
 
 

@@ -1,0 +1,364 @@
+"""ListOPDModule: G-OPD below the extrapolation cliff, with a base-relative clip (ListOPD).
+
+Paper: "The Extrapolation Cliff in On-Policy Distillation of Near-Deterministic Structured Outputs",
+arXiv 2605.08737 (https://lixin.ai/ListOPD). Only its abstract was available; the recipe below is
+METHODS.md §3 ([inferred] where marked there), built on G-OPD (arXiv 2602.12125).
+
+Per completion token y_t of an on-policy rollout (π_ref = the frozen warm start, q_old the detached
+current student, q_samp the sampler):
+
+    A_t = κ [λ (log p_t − log π_ref,t) − (log q_old,t − log π_ref,t)]        (G-OPD advantage)
+    r_t = q_θ(y_t) / π_ref(y_t)                                            (base-relative ratio)
+    w_t = π_ref(y_t)/q_old(y_t) · min(q_old(y_t)/q_samp(y_t), C)            (detached weights)
+    l_t = w_t · max(−A_t r_t, −A_t clip(r_t, 1−c, 1+c))       L = Σ_t mask_t l_t / Σ_t mask_t
+
+i.e. ``objectives.ppo_clip_loss`` with ``old_logp = log π_ref`` (the clip keeps q/b inside
+[1−c, 1+c], METHODS.md §3.1 step 2). The weight π_ref/q_old turns student samples into warm-start
+ones (the toy of METHODS.md §3.5 draws from the base): r_t·w_t = q_θ/q_old · min(q_old/q_samp, C),
+so inside the band the gradient is exactly the on-policy G-OPD gradient and the fixed point is
+q* ∝ π_ref^{1−λ} p^λ; outside it (in the direction A pushes) the gradient is zero.
+``reweight_to_base=False`` drops π_ref/q_old (plain PPO against the base: the gradient is scaled
+by q/π_ref, which moves the fixed point). No dual clip by default (the §3.5 toy has none).
+
+λ: a number, or "auto" = λ* − δ, where λ* comes from ``lambda_star`` or is calibrated when fit
+starts (:mod:`lit_opd.methods.list_opd.calibration`: teacher-forced reference answers, p and b at the structural
+positions, median over prompts). A λ above λ* is refused unless ``allow_above_cliff``.
+
+Logs (``train/`` per step on the rollouts, ``val/`` per validation epoch on greedy completions):
+``parse_valid`` (strict contract), ``ndcg@1`` (on parsed outputs; needs rows with ``candidates``
+and ``relevance``), ``clip_frac`` / ``clip_frac_lower``; per step also ``tail_ratio`` (median and
+``tail_ratio_min`` over the calibration prompts of (1 − Q_C)/(1 − b) at each prompt's binding
+position: the student's current mass outside the contract-valid class, teacher-forced on the
+calibration batch, where positions are exact; it must stay ≥ 1 − c to be clip-safe). At fit start
+``listopd/{lambda_star,lambda,p,b,binding_position}`` and the calibration table.
+
+Run: ``python -m lit_opd fit --config configs/list_opd/train.yaml``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import ClassVar, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from transformers import PreTrainedTokenizerBase
+
+from lit_opd.objectives import divergences as D
+from lit_opd.objectives import sampled as O
+from lit_opd.methods.list_opd.calibration import (
+    CalibrationBatch, CalibrationReport, RankingContract, binding_tail_ratios, build_batches,
+    calibrate_batches, encode_rows,
+)
+from lit_opd.methods.base import default_optimizer
+from lit_opd.methods.opd import OPDModule
+from lit_opd.models import ModelSpec
+from lit_opd.rollout.prompts import PromptTokenizer
+from lit_opd.rollout.sources import PromptSource
+from lit_opd.methods.list_opd.ranking import RankingTask, parse_ranking
+from lit_opd.teachers.base import Teacher
+from lit_opd.types import RolloutBatch
+
+
+def base_relative_ppo_loss(
+    logp_BT: Tensor, ref_logp_BT: Tensor, teacher_logp_BT: Tensor, sampler_logp_BT: Tensor, mask_BT: Tensor,
+    lambda_: float, clip: float, kl_coef: float = 1.0, dual_clip: float | None = None, tis_cap: float = 5.0,
+    reweight_to_base: bool = True, reduction: str = "token_mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The ListOPD objective (module docstring): G-OPD advantage, PPO clip against π_ref."""
+    old_logp_BT = logp_BT.detach()
+    adv_BT = kl_coef * O.gopd_advantage(old_logp_BT, teacher_logp_BT, ref_logp_BT, lambda_)
+    weights_BT = O.truncated_is_weights(old_logp_BT, sampler_logp_BT, tis_cap)
+    if reweight_to_base:
+        weights_BT = weights_BT * torch.exp(ref_logp_BT - old_logp_BT).detach()
+    loss, stats = O.ppo_clip_loss(logp_BT, ref_logp_BT, adv_BT, mask_BT, eps_low=clip, eps_high=clip,
+                                  dual_clip=dual_clip, is_weights_BT=weights_BT, reduction=reduction)
+    return loss, {"advantage": D.reduce_masked(adv_BT, mask_BT), "clip_frac": stats["clip_frac"],
+                  "clip_frac_lower": stats["clip_frac_lower"], "base_ratio_mean": stats["ratio_mean"]}
+
+
+@functools.lru_cache(maxsize=None)
+def _task(k: int) -> RankingTask:
+    return RankingTask(k=k)
+
+
+def ranking_score(text: str, row: Mapping | None, answer: str | None) -> tuple[bool | None, float | None]:
+    """(parse-valid, NDCG@1): ``RankingTask.score`` when ``row`` has ``candidates`` and ``relevance``;
+    else validity against the reference answer's ids (NDCG None); (None, None) with neither."""
+    if row is not None and "candidates" in row and "relevance" in row:
+        score = _task(max(2, len(row["candidates"]))).score(text, row)
+        return bool(score["valid"]), score["ndcg@1"]
+    if answer is None:
+        return None, None
+    contract = RankingContract.from_answer(answer)
+    return parse_ranking(text, sorted(contract.candidates), contract.k) is not None, None
+
+
+class ListOPDModule(OPDModule):
+    """G-OPD with reward extrapolation λ kept below the calibrated cliff λ*, and a PPO clip of
+    strength c measured against the warm start (METHODS.md §3).
+
+    Args:
+        student, teacher, tokenizer, optimizer, scheduler, reference, kl_coef, tis_cap, reduction,
+            allow_teacher_change: see :class:`OPDModule` (the reference defaults to the student's
+            initial weights: the warm start). The teacher needs a local ``model`` to calibrate.
+        lambda_: the extrapolation λ, or "auto" = λ* − ``delta``.
+        clip: c, the base-relative clip strength (ratios q/π_ref kept in [1−c, 1+c]).
+        lambda_star: a precomputed λ* (e.g. from ``python -m lit_opd calibrate``); it wins over the
+            one calibrated at fit start (which then only feeds the tail-ratio log).
+        delta: margin below λ* for ``lambda_="auto"``.
+        allow_above_cliff: run with a λ above λ* on purpose (e.g. to locate the cliff).
+        anchor: clip anchor of λ*: "base" (the warm start, this module's clip) or "teacher".
+        two_sided_cliff: also count positions where the teacher is less certain than the warm start
+            (p < b): there λ > 1 pushes the tail above the warm start's, and λ* is where it leaves
+            the band's upper edge (:mod:`lit_opd.methods.list_opd.cliff`). Off: METHODS.md §3.1's reading (p > b only).
+        calibration_source: rows (prompt + answer) to calibrate on; None = the datamodule's
+            validation rows, else its training rows. Encoded with the datamodule's prompt settings.
+        calibration_rows: how many rows to calibrate on (0 = no calibration: needs ``lambda_star``
+            for "auto", and no tail-ratio log).
+        reweight_to_base: multiply by π_ref/q_old (see the module docstring).
+        dual_clip: verl's dual clip for negative advantages (None = off).
+    """
+
+    needs_reference: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        student: ModelSpec | str | nn.Module,
+        teacher: Teacher,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        lambda_: float | Literal["auto"] = "auto",
+        clip: float = 0.2,
+        lambda_star: float | None = None,
+        delta: float = 0.02,
+        allow_above_cliff: bool = False,
+        anchor: Literal["base", "teacher"] = "base",
+        two_sided_cliff: bool = False,
+        calibration_source: PromptSource | None = None,
+        calibration_rows: int = 32,
+        reweight_to_base: bool = True,
+        kl_coef: float = 1.0,
+        dual_clip: float | None = None,
+        tis_cap: float = 5.0,
+        reference: ModelSpec | str | None = None,
+        reduction: Literal["token_mean", "seq_mean", "sum"] = "token_mean",
+        allow_teacher_change: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        _check_settings(lambda_, clip, delta, calibration_rows, anchor)
+        super().__init__(
+            student, teacher, tokenizer, loss="sampled", reduction=reduction, estimator="ppo",
+            kl_coef=kl_coef, lambda_=1.0 if lambda_ == "auto" else float(lambda_), reference=reference,
+            clip_eps_low=clip, clip_eps_high=clip, dual_clip=dual_clip, tis_cap=tis_cap,
+            allow_teacher_change=allow_teacher_change, optimizer=optimizer, scheduler=scheduler,
+        )
+        self.lambda_setting = lambda_
+        self.lambda_: float | None = None if lambda_ == "auto" else float(lambda_)
+        self.c, self.delta, self.allow_above_cliff, self.anchor = clip, delta, allow_above_cliff, anchor
+        self.two_sided_cliff = two_sided_cliff
+        self.calibration_source, self.calibration_rows = calibration_source, calibration_rows
+        self.reweight_to_base = reweight_to_base
+        self.given_lambda_star = lambda_star
+        self.lambda_star: float | None = None
+        self.calibration: CalibrationReport | None = None
+        self._calibration_batches: list[CalibrationBatch] = []
+        self._row_lookup: dict[tuple, Mapping] | None = None
+        self.val_parse_valid, self.val_ndcg = MeanMetric(), MeanMetric()
+        if lambda_star is not None:
+            self.set_lambda_star(lambda_star)
+
+    # ----- λ and the cliff --------------------------------------------------------------------
+    def set_lambda_star(self, value: float) -> float:
+        """Record λ* and resolve λ: "auto" → λ* − δ; a number above λ* is refused unless
+        ``allow_above_cliff``. Returns λ."""
+        self.lambda_star = float(value)
+        if self.lambda_setting == "auto":
+            if not math.isfinite(value):
+                raise ValueError(
+                    "ListOPDModule.lambda_='auto' but λ* = +inf: the teacher puts no more mass on "
+                    "contract-valid tokens than the warm start at any structural position, so there is no "
+                    "cliff to stay below. Set lambda_ to a number."
+                )
+            if value - self.delta <= 0:
+                raise ValueError(f"ListOPDModule: λ* = {value:.4f} leaves no room for delta={self.delta}; "
+                                 "lower delta or set lambda_ to a number")
+            self.lambda_ = value - self.delta
+        elif self.lambda_ > value and not self.allow_above_cliff:
+            raise ValueError(
+                f"ListOPDModule.lambda_={self.lambda_} is above the extrapolation cliff λ* = {value:.4f} "
+                f"(clip c={self.c}, anchor {self.anchor!r}{self._binding_note()}): past λ* the G-OPD "
+                "fixed point leaves the clip-safe region and strict parse validity collapses (arXiv "
+                f"2605.08737). Use lambda_: auto (λ* − δ = {value - self.delta:.4f}) or a value ≤ λ*, or "
+                "set allow_above_cliff: true to run above the cliff on purpose."
+            )
+        return self.lambda_
+
+    def _binding_note(self) -> str:
+        r = self.calibration
+        if r is None or r.binding_position is None:
+            return ""
+        return f"; binding position {r.binding_position}, p={r.p:.6f}, b={r.b:.6f}"
+
+    def calibrate(self, records: Sequence[Mapping]) -> CalibrationReport:
+        """Calibrate λ* on encoded records (``prompt_ids``, ``answer``, ``answer_ids``) with the teacher
+        (its ``scorer`` when it has one: the distribution ``score`` returns, temperature included) and
+        the frozen warm start; keeps the batch for the tail-ratio log and resolves λ unless a
+        ``lambda_star`` was given."""
+        model = getattr(self.teacher, "scorer", getattr(self.teacher, "model", None))  # HFTeacher: at its τ
+        if model is None:
+            raise ValueError(
+                f"ListOPDModule calibration needs a teacher with a local model (HFTeacher), got "
+                f"{type(self.teacher).__name__}; pass lambda_star and calibration_rows: 0 instead"
+            )
+        batches = build_batches(self.tokenizer, list(records)[: self.calibration_rows])
+        self._calibration_batches = [b.to(self.device) for b in batches]
+        self.calibration = calibrate_batches(model, self.reference, self.tokenizer, self._calibration_batches,
+                                             self.c, self.anchor, self.two_sided_cliff)
+        if self.given_lambda_star is None:
+            self.set_lambda_star(self._rank_zero_value(self.calibration.lambda_star))
+        return self.calibration
+
+    def _rank_zero_value(self, value: float) -> float:
+        """Every rank uses rank 0's λ* (calibration is deterministic, but not bitwise across GPUs)."""
+        try:
+            return self.trainer.strategy.broadcast(value, src=0)
+        except RuntimeError:  # not attached to a Trainer
+            return value
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.calibration_rows > 0:
+            report = self.calibrate(self._calibration_records())
+            rank_zero_info(f"ListOPD calibration on {report.num_prompts} prompts (c={self.c}):\n"
+                           f"{report.table()}\n{report.summary()}\nlambda {self.lambda_:.6g}")
+        if self.lambda_ is None:
+            raise ValueError("ListOPDModule.lambda_='auto' needs λ*: set calibration_rows > 0 or lambda_star")
+        if self.lambda_star is None:
+            rank_zero_warn(f"ListOPDModule: λ={self.lambda_} is not checked against the cliff (no λ*)")
+        elif self.lambda_star < 1.0:
+            rank_zero_warn(
+                f"ListOPDModule: λ* = {self.lambda_star:.4f} < 1, so λ = {self.lambda_:.4f} interpolates "
+                "toward the warm start: the teacher's tail at the binding position is thinner than (1 − c) "
+                "times the warm start's, and even standard OPD (λ = 1) leaves the clip band. Warm-start the "
+                "student longer (until b approaches p) for the λ* > 1 regime of the paper."
+            )
+        self._log_calibration()
+
+    def _calibration_records(self) -> list[dict]:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.calibration_source is not None:
+            rows = self.calibration_source.load()[: self.calibration_rows]
+            settings = dm.prompt_settings if dm is not None else {}
+            return encode_rows(dm.tokenizer if dm is not None else self.tokenizer, rows, **settings)
+        records = [r for r in (getattr(dm, "val_rows", None) or getattr(dm, "train_rows", None) or [])
+                   if r.get("answer") is not None]
+        if not records:
+            raise ValueError(
+                "ListOPDModule cannot calibrate: no calibration_source and the datamodule has no rows with "
+                "answers; pass calibration_source, or lambda_star with calibration_rows: 0"
+            )
+        return records[: self.calibration_rows]
+
+    def _log_calibration(self) -> None:
+        r = self.calibration
+        metrics = {"listopd/lambda": self.lambda_}
+        if self.lambda_star is not None:
+            metrics["listopd/lambda_star"] = self.lambda_star
+        if r is not None and r.binding_position is not None:
+            metrics.update({"listopd/p": r.p, "listopd/b": r.b})
+            metrics["listopd/binding_position"] = r.binding_position
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+
+    # ----- the objective ----------------------------------------------------------------------
+    def _sampled_loss(self, batch: RolloutBatch, logp_BT, teacher_logp_BT) -> tuple[torch.Tensor, dict]:  # noqa: ANN001
+        """OPDModule.loss computes the token log-probs and diagnostics; ListOPD swaps the objective."""
+        if self.lambda_ is None:
+            raise RuntimeError("ListOPDModule: λ is not set yet (lambda_='auto' resolves when fit starts); "
+                               "call calibrate(records) or set_lambda_star(value) first")
+        if batch.sampler_logp_BT is None:
+            raise ValueError("ListOPDModule trains on its own samples; this batch has no sampler log-probs")
+        return base_relative_ppo_loss(
+            logp_BT, self.reference_logp(batch), teacher_logp_BT, batch.sampler_logp_BT,
+            batch.completion_mask_BT, self.lambda_, self.c, self.kl_coef, self.clip["dual_clip"], self.tis_cap,
+            self.reweight_to_base, self.reduction,
+        )
+
+    # ----- contract metrics -------------------------------------------------------------------
+    def rollout_metrics(self, batch: RolloutBatch) -> dict[str, torch.Tensor | float]:
+        valid, ndcg = self.ranking_scores(batch)
+        out: dict[str, torch.Tensor | float] = {"lambda": self.lambda_}
+        if valid:
+            out["parse_valid"] = sum(valid) / len(valid)
+        if ndcg:
+            out["ndcg@1"] = sum(ndcg) / len(ndcg)
+        if self.calibration is not None and self._calibration_batches:
+            ratios = binding_tail_ratios(self.student, self._calibration_batches, self.calibration)
+            if ratios.numel():
+                out["tail_ratio"], out["tail_ratio_min"] = ratios.median().item(), ratios.min().item()
+        return out
+
+    def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        valid, ndcg = self.ranking_scores(batch)
+        self.val_parse_valid.update(torch.tensor(valid or [0.0], dtype=torch.float32, device=self.device),
+                                    weight=float(bool(valid)))
+        self.val_ndcg.update(torch.tensor(ndcg or [0.0], device=self.device), weight=float(bool(ndcg)))
+        self.log("val/parse_valid", self.val_parse_valid, on_epoch=True, on_step=False, prog_bar=True)
+        self.log("val/ndcg@1", self.val_ndcg, on_epoch=True, on_step=False)
+
+    def ranking_scores(self, batch: RolloutBatch) -> tuple[list[float], list[float]]:
+        """Per row of ``batch``: parse validity (1/0) and, for parsed rows with metadata, NDCG@1."""
+        ids_BT = batch.completion_ids_BT.masked_fill(~batch.completion_mask_BT, self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(ids_BT.tolist(), skip_special_tokens=True)  # as the datamodule
+        valid, ndcg = [], []
+        for text, row, answer in zip(texts, self.source_rows(batch), batch.answers):
+            ok, score = ranking_score(text, row, answer)
+            if ok is not None:
+                valid.append(float(ok))
+            if score is not None:
+                ndcg.append(score)
+        return valid, ndcg
+
+    def source_rows(self, batch: RolloutBatch) -> list[Mapping | None]:
+        """The source row of each batch row (for ``candidates`` / ``relevance``), found by its
+        encoded prompt among the datamodule's sources; None without a datamodule or a match."""
+        if self._row_lookup is None:
+            self._row_lookup = self._build_row_lookup()
+        pairs = zip(batch.prompt_ids_BP, batch.prompt_mask_BP)
+        keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in pairs]
+        return [self._row_lookup.get(key) for key in keys]
+
+    def _build_row_lookup(self) -> dict[tuple, Mapping]:
+        try:
+            dm = self.trainer.datamodule
+        except RuntimeError:  # not attached to a Trainer (e.g. a hand-built batch)
+            dm = None
+        if dm is None or not hasattr(dm, "prompt_settings"):
+            return {}
+        encode = PromptTokenizer(dm.tokenizer, **dm.prompt_settings)
+        lookup = {}
+        for source in (dm.source, dm.val_source):
+            for row in source.load() if source is not None else []:
+                if "candidates" in row and "relevance" in row:
+                    lookup[tuple(encode.prompt_ids(row, "ranking row"))] = row
+        return lookup
+
+
+def _check_settings(lambda_: float | str, clip: float, delta: float, rows: int, anchor: str) -> None:
+    if lambda_ != "auto" and (isinstance(lambda_, str) or not float(lambda_) > 0):
+        raise ValueError(f"ListOPDModule.lambda_={lambda_!r}: use a number > 0 or 'auto'")
+    if not 0.0 < clip < 1.0:
+        raise ValueError(f"ListOPDModule.clip={clip} must be in (0, 1)")
+    if delta < 0:
+        raise ValueError(f"ListOPDModule.delta={delta} must be >= 0")
+    if rows < 0:
+        raise ValueError(f"ListOPDModule.calibration_rows={rows} must be >= 0")
+    if anchor not in ("base", "teacher"):
+        raise ValueError(f"ListOPDModule.anchor={anchor!r}: use 'base' or 'teacher'")

@@ -1,0 +1,164 @@
+"""Tests for lit_opd.objectives: METHODS.md §0.3–0.5 hand values and gradient checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_opd.objectives.sampled import (
+    gopd_advantage,
+    importance_sampling_loss,
+    ppo_clip_loss,
+    reverse_kl_advantage,
+    truncated_is_weights,
+)
+
+
+def _one(x: float, grad: bool = False) -> torch.Tensor:
+    return torch.tensor([[x]], dtype=torch.float64, requires_grad=grad)
+
+
+MASK1 = torch.ones(1, 1, dtype=torch.bool)
+
+
+def _random_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(3, 6, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    sampler = logp.detach() + 0.3 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    adv = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    return logp, sampler, adv, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# advantages
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("lambda_", "expected"), [(1.0, 0.470004), (1.25, 0.643290)])
+def test_gopd_advantage_hand_values(lambda_, expected):
+    old, teacher, ref = _one(math.log(0.5), True), _one(math.log(0.8)), _one(math.log(0.4))
+    adv = gopd_advantage(old, teacher, ref, lambda_=lambda_)
+    assert adv.item() == pytest.approx(expected, abs=1e-6)
+    assert not adv.requires_grad
+
+
+def test_gopd_lambda_one_is_teacher_minus_old():
+    _, old, _, _ = _random_batch()
+    g = torch.Generator().manual_seed(1)
+    teacher, ref = -torch.rand(3, 6, generator=g).double(), -torch.rand(3, 6, generator=g).double()
+    torch.testing.assert_close(gopd_advantage(old, teacher, ref, lambda_=1.0), teacher - old)
+
+
+def test_reverse_kl_advantage():
+    sampler, teacher = _one(math.log(0.5), True), _one(math.log(0.8), True)
+    adv = reverse_kl_advantage(sampler, teacher, kl_coef=2.0)
+    assert adv.item() == pytest.approx(-2.0 * math.log(0.5 / 0.8))
+    assert not adv.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# PPO clip loss (METHODS.md §0.5)
+# --------------------------------------------------------------------------------------------------
+def _ppo_one(adv: float, ratio: float, **kw):
+    old = _one(math.log(0.5))
+    logp = _one(math.log(0.5 * ratio), grad=True)
+    loss, stats = ppo_clip_loss(logp, old, _one(adv), MASK1, **kw)
+    loss.backward()
+    return loss.item(), logp.grad.item(), stats
+
+
+def test_ppo_positive_advantage_clipped_region():
+    loss, grad, stats = _ppo_one(1.0, 1.3)
+    assert loss == pytest.approx(-1.2, abs=1e-9)
+    assert grad == 0.0
+    assert stats["clip_frac"].item() == 1.0 and stats["clip_frac_lower"].item() == 0.0
+    assert stats["ratio_mean"].item() == pytest.approx(1.3)
+
+
+def test_ppo_negative_advantage_clipped_region():
+    loss, grad, stats = _ppo_one(-1.0, 0.5)  # l1 = 0.5, l2 = 0.8
+    assert loss == pytest.approx(0.8, abs=1e-9)
+    assert grad == 0.0 and stats["clip_frac"].item() == 1.0
+
+
+def test_ppo_dual_clip():
+    loss, grad, stats = _ppo_one(-1.0, 5.0)
+    assert loss == pytest.approx(3.0, abs=1e-9)
+    assert grad == 0.0
+    assert stats["clip_frac_lower"].item() == 1.0
+    loss_off, grad_off, stats_off = _ppo_one(-1.0, 5.0, dual_clip=None)
+    assert loss_off == pytest.approx(5.0) and grad_off == pytest.approx(5.0)  # d(−A·r)/dlogp = −A·r
+    assert stats_off["clip_frac_lower"].item() == 0.0
+
+
+def test_ppo_unclipped_region_gradient():
+    loss, grad, stats = _ppo_one(2.0, 1.1)
+    assert loss == pytest.approx(-2.2) and grad == pytest.approx(-2.2)
+    assert stats["clip_frac"].item() == 0.0
+
+
+def test_ppo_asymmetric_eps():
+    loss, grad, _ = _ppo_one(1.0, 1.3, eps_high=0.28)
+    assert loss == pytest.approx(-1.28) and grad == 0.0
+
+
+def test_ppo_is_weights_stats_and_reduction():
+    logp, sampler, adv, mask = _random_batch()
+    old = sampler
+    w = truncated_is_weights(old, sampler - 0.5, cap=1.5)
+    loss, stats = ppo_clip_loss(logp, old, adv, mask, is_weights_BT=w, reduction="sum")
+    r = torch.exp(logp.detach() - old)
+    l1, l2 = -adv * r, -adv * r.clamp(0.8, 1.2)
+    per_tok = torch.maximum(l1, l2)
+    per_tok = torch.where(adv < 0, torch.minimum(per_tok, -adv * 3.0), per_tok) * w
+    assert loss.item() == pytest.approx(per_tok[mask].sum().item())
+    assert stats["clip_frac"].item() == pytest.approx((l2 > l1)[mask].double().mean().item())
+    assert stats["ratio_mean"].item() == pytest.approx(r[mask].mean().item())
+    assert all(not v.requires_grad for v in stats.values())
+
+
+def test_ppo_on_policy_gradient_equals_is_gradient():
+    logp, _, adv, mask = _random_batch()
+    old = logp.detach().clone()
+    loss, _ = ppo_clip_loss(logp, old, adv, mask)
+    (g_ppo,) = torch.autograd.grad(loss, logp)
+    (g_is,) = torch.autograd.grad(importance_sampling_loss(logp, old, adv, mask), logp)
+    torch.testing.assert_close(g_ppo, g_is)
+    torch.testing.assert_close(g_ppo, -adv * mask / mask.sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# importance sampling loss and truncated IS
+# --------------------------------------------------------------------------------------------------
+def test_is_loss_gradient_is_minus_adv_ratio_over_n():
+    logp, sampler, adv, mask = _random_batch()
+    loss = importance_sampling_loss(logp, sampler, adv, mask)
+    r = torch.exp(logp.detach() - sampler)
+    assert loss.item() == pytest.approx((-r * adv)[mask].mean().item())
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -adv * r * mask / mask.sum())
+
+
+def test_is_loss_on_policy():
+    logp, _, adv, mask = _random_batch()
+    loss = importance_sampling_loss(logp, logp.detach(), adv, mask)
+    assert loss.item() == pytest.approx(-adv[mask].mean().item())
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -adv * mask / mask.sum())
+
+
+def test_is_loss_all_masked():
+    logp, sampler, adv, _ = _random_batch()
+    loss = importance_sampling_loss(logp, sampler, adv, torch.zeros(3, 6, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+def test_truncated_is_weights_cap():
+    old = torch.tensor([[0.0, 0.0, -1.0, 10.0]], requires_grad=True)
+    sampler = torch.tensor([[0.0, math.log(0.5), 0.0, -100.0]])
+    w = truncated_is_weights(old, sampler, cap=5.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 2.0, math.exp(-1.0), 5.0]]))
+    assert not w.requires_grad
