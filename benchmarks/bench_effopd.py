@@ -63,7 +63,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lit_opd import HFTeacher, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
+from lit_opd import Divergence, HFTeacher, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
 from lit_opd.callbacks import EffOPDCallback, UpdateDynamicsCallback  # noqa: E402
 from lit_opd.methods.eff_opd.callback import policy_of, select_parameters  # noqa: E402
 from lit_opd.tasks import AdditionTask  # noqa: E402
@@ -80,7 +80,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     task = AdditionTask(max_digits=3, reverse_answer=True)
     L.seed_everything(seed, verbose=False)
     module = OPDModule(
-        STUDENT, HFTeacher(TEACHER), loss="divergence", divergence="jsd", beta=0.0,
+        STUDENT, HFTeacher(TEACHER), objective=Divergence(kind="jsd", beta=0.0),
         optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0),
     )
     sampling = SamplingParams(max_new_tokens=6, temperature=1.0)

@@ -8,7 +8,7 @@
 Time on one CPU thread (2-core dev machine): ~6 min to train the pair (cached afterwards under
 runs/bench_listopd/), then ~14 min for calibration and the 24 ListOPD runs.
 
-Claim under test (arXiv 2605.08737, METHODS.md §3): strict parse validity is flat for λ below the
+Claim (arXiv 2605.08737; lit_opd/methods/list_opd/README.md): strict parse validity is flat for λ below the
 closed-form cliff λ*(p, b, c) and falls above it, the empirical onset within one grid step of λ*,
 while NDCG@1 on parsed outputs stays flat.
 
@@ -19,7 +19,7 @@ Setup (RankingTask K=4, char tokenizer, all on CPU with one torch thread):
    configs/models/ranking-student (3 layers, h96), SFT ``--student-steps`` steps (seed 14). Both are
    cached under ``--out-dir`` (teacher/, student/) and reused by later runs.
 2. **Teacher temperature τ** (``HFTeacher(temperature=τ)``: the teacher's distribution is
-   softmax(logits/τ) in training *and* in calibration, which reads ``HFTeacher.scorer``). At τ = 1
+   softmax(logits/τ) in training *and* in calibration, which reads ``HFTeacher.scoring_model()``). At τ = 1
    the teacher's tail at the structural positions is thinner than (1 − c) times the warm start's,
    so λ* < 1 (the regime of configs/list_opd/*.yaml). τ > 1 fattens the teacher's tails; τ is
    set by bisection so that the calibrated λ* is ``--target-lambda-star`` (default 1.2, the paper's
@@ -29,7 +29,7 @@ Setup (RankingTask K=4, char tokenizer, all on CPU with one torch thread):
    structural positions, base anchor) gives λ*, p, b and the binding position.
 4. **Grid**: λ = λ*·(1 + 0.1 k), k = −3..3 (``--grid-frac``, ``--grid-half``); the predicted λ* is
    the middle grid point. ``--wide`` adds points far above it (default 4λ*), reported apart and
-   not used for the onset. Per λ and seed (``--seeds``): ``ListOPDModule(lambda_=λ, clip=0.2,
+   not used for the onset. Per λ and seed (``--seeds``): ``ListOPDModule(lambda_=λ, objective=BaseRelativeClip(clip=0.2),
    lambda_star=λ*, allow_above_cliff=True)``, ``--steps`` steps of batch 32, AdamW lr 3e-4,
    rollouts at temperature 1 (RolloutDataModule seed = run seed, training prompts TaskPrompts seed 15).
 5. **Measured after the last step**, on 256 held-out prompts (TaskPrompts seed 12, disjoint from
@@ -64,6 +64,7 @@ import lightning as L
 import torch
 
 from lit_opd import (
+    BaseRelativeClip,
     HFTeacher,
     ListOPDModule,
     ModelSpec,
@@ -109,8 +110,8 @@ def sft(config: str, out: Path, steps: int, data_seed: int) -> float:
 
 
 def calibrate_at(teacher: Path, temperature: float, base: torch.nn.Module, tok):  # noqa: ANN001, ANN201
-    """The library's calibration of ``HFTeacher(teacher, temperature=τ)`` (its scorer) against ``base``."""
-    scorer = HFTeacher(str(teacher), tok, temperature=temperature).scorer
+    """The library's calibration of ``HFTeacher(teacher, temperature=τ)`` (its scoring model) against ``base``."""
+    scorer = HFTeacher(str(teacher), tok, temperature=temperature).scoring_model()
     return calibrate(scorer, base, tok, TASK.make_rows(CAL_ROWS, CAL_SEED), c=CLIP)
 
 
@@ -202,7 +203,8 @@ def run_one(args: argparse.Namespace, teacher: Path, student: Path, tau: float, 
             lam: float, seed: int) -> dict:
     L.seed_everything(seed, verbose=False)
     module = ListOPDModule(
-        str(student), HFTeacher(str(teacher), temperature=tau), lambda_=lam, clip=CLIP, lambda_star=lam_star,
+        str(student), HFTeacher(str(teacher), temperature=tau), objective=BaseRelativeClip(clip=CLIP),
+        lambda_=lam, lambda_star=lam_star,
         allow_above_cliff=True, calibration_source=TaskPrompts(TASK, num_rows=CAL_ROWS, seed=CAL_SEED),
         calibration_rows=args.tail_rows,
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0),

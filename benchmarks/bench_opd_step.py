@@ -32,7 +32,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from lit_opd import HFTeacher, ListPrompts, OPDModule, RolloutDataModule, SamplingParams  # noqa: E402
+from lit_opd import Divergence, HFTeacher, ListPrompts, OPDModule, RolloutDataModule, SamplingParams  # noqa: E402
 from lit_opd.tasks import char_tokenizer  # noqa: E402
 from lit_opd.tiny import make_tiny_model  # noqa: E402
 
@@ -107,7 +107,7 @@ def timed_method(obj, name: str, parts: list[dict], key: str) -> None:  # noqa: 
 def run_lit(steps: int) -> dict:
     tok = char_tokenizer(chat_template=True)
     student, teacher = model_pair(tok)
-    module = OPDModule(student, HFTeacher(teacher, tokenizer=tok), tokenizer=tok, beta=BETA,
+    module = OPDModule(student, HFTeacher(teacher, tokenizer=tok), tokenizer=tok, objective=Divergence(beta=BETA),
                        optimizer=lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0))
     data = RolloutDataModule(ListPrompts([{"prompt": p} for p in prompts()]), val_size=0, batch_size=BATCH,
                              sampling=SamplingParams(max_new_tokens=NEW_TOKENS), seed=0)
@@ -191,8 +191,9 @@ def raw_compute() -> dict:
         t0 = now()
         out = sample(student, prompt, mask, SamplingParams(max_new_tokens=NEW_TOKENS), [3], 0)
         t1 = now()
-        batch = RolloutBatch(prompt, mask, out.tokens_BT, out.mask_BT, out.logp_BT, [None] * BATCH,
-                             torch.arange(BATCH, device=DEVICE))
+        batch = RolloutBatch(prompt_ids_BP=prompt, prompt_mask_BP=mask, completion_ids_BT=out.tokens_BT,
+                             completion_mask_BT=out.mask_BT, sampler_logp_BT=out.logp_BT, answers=[None] * BATCH,
+                             row_index_B=torch.arange(BATCH, device=DEVICE))
         with torch.no_grad():
             t_logits = completion_logits(teacher, batch)
         t2 = now()

@@ -27,7 +27,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-from lit_opd import HFTeacher, ModelSpec, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
+from lit_opd import Divergence, HFTeacher, ModelSpec, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
 from lit_opd.tasks import AdditionTask, char_tokenizer  # noqa: E402
 
 
@@ -69,7 +69,8 @@ class StepTimer(L.Callback):
 def run_path(name: str, student: str, teacher: ModelSpec, trainer_kwargs: dict, steps: int, batch: int,
              new_tokens: int, cuda_graph: bool = True) -> dict:
     tok = char_tokenizer()
-    module = OPDModule(student, HFTeacher(teacher), tokenizer=tok, beta=0.5, chunk_size=1024)
+    module = OPDModule(student, HFTeacher(teacher), tokenizer=tok,
+                       objective=Divergence(beta=0.5, chunk_size=1024))
     data = RolloutDataModule(
         TaskPrompts(AdditionTask(1, 3), num_rows=4096), val_size=0, batch_size=batch,
         sampling=SamplingParams(max_new_tokens=new_tokens, cuda_graph=cuda_graph), tokenizer=None,

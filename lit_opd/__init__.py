@@ -5,10 +5,10 @@ teacher scoring → divergence / sampled-token objective → optimizer step.
 """
 
 from lit_opd.callbacks import AccuracyReport, EffOPDCallback, UpdateDynamicsCallback
-from lit_opd.methods.list_opd.cliff import lambda_star, lambda_star_kary, q_star
-from lit_opd.methods.list_opd.calibration import CalibrationReport, calibrate
 from lit_opd.methods import ListOPDModule, OPDModule, PolicyModule, SFTModule
+from lit_opd.methods.list_opd import BaseRelativeClip, CalibrationReport, calibrate, lambda_star, lambda_star_kary, q_star
 from lit_opd.models import ModelSpec
+from lit_opd.objectives import Divergence, Objective, SampledReward
 from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule, TaskPrompts
 from lit_opd.teachers import HFTeacher, Teacher
 from lit_opd.types import RolloutBatch, SamplingParams, TeacherCapability, TeacherOutput
@@ -20,5 +20,5 @@ __all__ = [
     "ListPrompts", "TaskPrompts", "HFTeacher", "Teacher", "RolloutBatch", "SamplingParams",
     "TeacherCapability", "TeacherOutput", "lambda_star", "lambda_star_kary", "q_star",
     "AccuracyReport", "EffOPDCallback", "UpdateDynamicsCallback", "ListOPDModule", "calibrate",
-    "CalibrationReport",
+    "CalibrationReport", "Objective", "Divergence", "SampledReward", "BaseRelativeClip",
 ]

@@ -23,6 +23,15 @@ class OPDCLI(LightningCLI):
 def cli_main(args: ArgsType = None, run: bool = True) -> OPDCLI | None:
     """Entry point; ``args`` replaces ``sys.argv[1:]`` (tests pass a list)."""
     argv = list(sys.argv[1:] if args is None else args)
+    moved = moved_objective_keys(argv)
+    if moved:
+        sys.exit(
+            f"error: model.init_args.{moved[0]} is no longer a setting of the method: the loss settings "
+            f"({', '.join(moved)}) moved under `objective`. Write, under model.init_args,\n"
+            "  objective:\n    class_path: lit_opd.objectives.Divergence   # or SampledReward; ListOPD: "
+            "lit_opd.methods.list_opd.BaseRelativeClip\n    init_args: {kind: jsd, beta: 0.5}\n"
+            "(`divergence:` is now `kind:`; see CHANGELOG.md)"
+        )
     if argv and argv[0] == "export":
         export_main(argv[1:])
         return None
@@ -42,6 +51,28 @@ def cli_main(args: ArgsType = None, run: bool = True) -> OPDCLI | None:
         args=None if args is None else argv,
         run=run,
     )
+
+
+# Keys that were method arguments before objectives became components (OPDModule's ``lambda_``
+# too; ListOPD keeps its own ``lambda_``).
+_MOVED = ("loss", "divergence", "beta", "alpha", "temperature", "top_k", "chunk_size", "reduction", "estimator",
+          "kl_coef", "clip_eps_low", "clip_eps_high", "dual_clip", "tis_cap", "clip", "reweight_to_base")
+
+
+def moved_objective_keys(argv: list[str]) -> list[str]:
+    """The pre-component loss keys an old config or override still sets on the method, if any."""
+    import yaml
+
+    overrides = [a.split("=")[0].removeprefix("--model.init_args.") for a in argv if a.startswith("--model.init_args.")]
+    found = [k for k in overrides if k in _MOVED]
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--config" and os.path.isfile(value):
+            model = (yaml.safe_load(open(value)) or {}).get("model")
+            init = (model.get("init_args") or {}) if isinstance(model, dict) else {}
+            found += [k for k in init if k in _MOVED]
+            if str(model.get("class_path", "")).endswith(".OPDModule") and "lambda_" in init:
+                found.append("lambda_")
+    return [k for k in dict.fromkeys(found) if k in _MOVED or k == "lambda_"]
 
 
 def export_main(argv: list[str]) -> None:

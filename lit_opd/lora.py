@@ -16,7 +16,7 @@ over it, and refuses a different base or different LoRA settings. ``python -m li
 rebuilds the base the same way (so the base must be reachable at export time, or passed with
 ``--base``) and writes either the merged model or, with ``--adapters_only true``, the adapter dir.
 
-G-OPD's reference (``OPDModule(lambda_≠1)``, no ``reference`` given) is a deepcopy of the
+G-OPD's reference (``SampledReward(lambda_≠1)``, no ``reference`` given) is a deepcopy of the
 student at construction. For a LoRA student that copies the PeftModel, whose fresh ``lora_B``
 matrices are zero, so the copy computes exactly the base model: correct, but it holds a second
 copy of the base (``reference: <base path>`` gives the same model without the adapter layers).

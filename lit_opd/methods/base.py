@@ -47,7 +47,10 @@ class PolicyModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["student", "teacher", "tokenizer", "optimizer", "scheduler", "reference"])
+        # Models, teachers and components are objects: the CLI's config.yaml records them instead.
+        self.save_hyperparameters(
+            ignore=["student", "teacher", "tokenizer", "objective", "optimizer", "scheduler", "reference"]
+        )
         self.student = load_causal_lm(student)
         self.student.train()
         self.tokenizer = load_tokenizer(tokenizer, student)
@@ -94,6 +97,10 @@ class PolicyModule(L.LightningModule):
         length policy) and the encoded training / validation records, so a method that needs rows
         outside a batch (ListOPD's calibration) gets them without reaching into the datamodule.
         Nothing to do by default."""
+
+    def score_loss(self, batch: RolloutBatch) -> torch.Tensor:
+        """The method's training loss on ``batch`` without an update (EffOPD's held-out score)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define score_loss")
 
     # ----- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):  # noqa: ANN201

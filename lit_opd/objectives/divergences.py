@@ -1,4 +1,4 @@
-"""Full-distribution divergences between a student and a teacher (METHODS.md §0.2).
+"""Full-distribution divergences between a student and a teacher (README.md here, "divergences.py").
 
 Conventions
 -----------
@@ -315,16 +315,9 @@ def _with_tail(topk_logp_BTK: Tensor) -> Tensor:
 
 
 def topk_divergence(
-    student_logits_BTV: Tensor,
-    teacher_topk_logp_BTK: Tensor,
-    teacher_topk_ids_BTK: Tensor,
-    kind: str = "jsd",
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "token_mean",
-    tail_bucket: bool = True,
+    student_logits_BTV: Tensor, teacher_topk_logp_BTK: Tensor, teacher_topk_ids_BTK: Tensor,
+    kind: str = "jsd", beta: float = 0.5, alpha: float = 0.1, mask: Tensor | None = None,
+    temperature: float = 1.0, reduction: str = "token_mean", tail_bucket: bool = True,
 ) -> Tensor:
     """Divergence against a teacher that only exposes its top-k log-probs (B,T,K) and ids (B,T,K).
 

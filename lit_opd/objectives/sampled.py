@@ -1,4 +1,4 @@
-"""Sampled-token OPD objectives (METHODS.md §0.3–0.5): advantages and policy-gradient losses.
+"""Sampled-token OPD objectives (README.md here, "sampled.py"): advantages and policy-gradient losses.
 
 Conventions
 -----------

@@ -94,6 +94,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     # ----- prompts (CPU) --------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        """Encode the training / validation rows (splitting validation off ``source`` if asked) and
+        hand them to the attached method's ``PolicyModule.connect_prompts``."""
         if self.tokenizer is None:
             self.tokenizer = self._resolve_tokenizer()
         encode = PromptTokenizer(self.tokenizer, **self.prompt_settings)
@@ -112,6 +114,15 @@ class RolloutDataModule(L.LightningDataModule):
             rows = [rows[i] for i in sorted(order[n_val:])]
         self.train_rows = encode.rows(rows, "training")
         self.val_rows = encode.rows(val_rows, "validation") if val_rows else []
+        trainer = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer else None
+        if module is not None:
+            from lit_opd.methods.base import PolicyModule  # here: lit_opd.methods imports this package
+
+            # The one hand-over of encoded prompts to the method (e.g. ListOPD calibrates on them);
+            # other LightningModules attached to this datamodule know nothing of it.
+            if isinstance(module, PolicyModule):
+                module.connect_prompts(encode, self.train_rows, self.val_rows)
 
     def _resolve_tokenizer(self):  # noqa: ANN202
         trainer = getattr(self, "trainer", None)
@@ -229,6 +240,7 @@ class RolloutDataModule(L.LightningDataModule):
             row_index_B=batch.row_index_B.repeat_interleave(G, 0),
             source=source,
             truncated_B=out.truncated_B,
+            rows=[r for r in batch.rows for _ in range(G)],
         )
 
     def grade(self, rollout: RolloutBatch) -> torch.Tensor:
@@ -347,4 +359,5 @@ def dataset_completions(batch: PromptBatch, pad_id: int) -> RolloutBatch:
         row_index_B=batch.row_index_B,
         source="dataset",
         truncated_B=torch.zeros(len(batch.answer_ids), dtype=torch.bool, device=device),
+        rows=list(batch.rows),
     )

@@ -8,7 +8,9 @@ from lit_opd.types import PromptBatch
 
 
 class PromptTokenizer:
-    """Turns source rows into ``{"prompt_ids", "answer", "answer_ids", "row_index"}`` records."""
+    """Turns source rows into ``{"prompt_ids", "answer", "answer_ids", "row_index", "row"}`` records;
+    ``row`` is a shallow copy of the source row, so fields the encoder does not read (a ranking's
+    ``candidates``, a ``domain``, ...) still reach the method through the batch."""
 
     def __init__(
         self,
@@ -65,7 +67,9 @@ class PromptTokenizer:
             if answer is not None:
                 answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
                 answer_ids = [*answer_ids, self.eos_id]
-            out.append({"prompt_ids": ids, "answer": answer, "answer_ids": answer_ids, "row_index": index})
+            record = {"prompt_ids": ids, "answer": answer, "answer_ids": answer_ids, "row_index": index}
+            # A copy, so a method that annotates its batch's rows does not edit the source's own dicts.
+            out.append({**record, "row": dict(row)})
         if rows and not out:
             raise ValueError(f"every {split} prompt was skipped as over-long; raise max_prompt_tokens")
         return out
@@ -91,4 +95,6 @@ def collate_prompts(records: list[dict], pad_id: int) -> PromptBatch:
         answers=[r["answer"] for r in records],
         answer_ids=[r["answer_ids"] for r in records],
         row_index_B=torch.tensor([r["row_index"] for r in records], dtype=torch.long),
+        # Records built by hand from raw text (HFTeacher.generate_text) have no source row.
+        rows=[r.get("row", {}) for r in records],
     )

@@ -119,54 +119,74 @@ def sample(
     ids_BP = prompt_ids_BP.repeat_interleave(params.num_samples, dim=0)
     mask_BL = prompt_mask_BP.repeat_interleave(params.num_samples, dim=0).long()
     positions_BP = (mask_BL.cumsum(-1) - 1).clamp(min=0)
-    eos_ids = torch.tensor(eos_token_ids, device=ids_BP.device)
     out = model(input_ids=ids_BP, attention_mask=mask_BL, position_ids=positions_BP, use_cache=True)
     logits_BV = out.logits[:, -1, :]
-    decoder = lean_decoder(model, returned_cache(out), mask_BL, ids_BP.shape[1] + params.max_new_tokens, params)
-    if decoder is not None:
-        del out  # the decoder copied the prefill cache into its own buffers
-    else:
-        cache_arg = cache_kwarg(model)
-    next_pos_B1 = positions_BP[:, -1:] + 1
-    finished_B = torch.zeros(ids_BP.shape[0], dtype=torch.bool, device=ids_BP.device)
-    tokens, logps, valid = [], [], []
-    # "Every row finished?" is a host sync. On an accelerator a sync per token idles the device
-    # while Python queues the next step, so the loop asks every few tokens and trims the pad-only
-    # columns it ran past the last EOS; the output is the same as asking every token.
-    check_every = stop_check_interval(ids_BP.device)
-    for step in range(params.max_new_tokens):
-        tok_B, logp_B = pick_tokens(logits_BV, params, generator)
-        tok_B = tok_B.masked_fill(finished_B, pad_token_id)
-        tokens.append(tok_B)
-        logps.append(logp_B.masked_fill(finished_B, 0.0))
-        valid.append(~finished_B)
-        done = False
-        if params.stop_at_eos:
-            finished_B = finished_B | torch.isin(tok_B, eos_ids)
-            if (step + 1) % check_every == 0:
-                done = bool(finished_B.all())
-                if all_ranks_done is not None:
-                    done = all_ranks_done(done)
-        if step == params.max_new_tokens - 1 or done:
-            break
-        if decoder is not None:  # it keeps its own attention mask
-            logits_BV = decoder.step(tok_B, next_pos_B1[:, 0], ~finished_B)
-        else:
-            mask_BL = torch.cat([mask_BL, (~finished_B).long()[:, None]], dim=1)
-            out = model(
-                input_ids=tok_B[:, None],
-                attention_mask=mask_BL,
-                position_ids=next_pos_B1,
-                use_cache=True,
-                **{cache_arg: returned_cache(out)},
-            )
-            logits_BV = out.logits[:, -1, :]
-        next_pos_B1 = next_pos_B1 + 1
-    mask_BT = torch.stack(valid, dim=1)
-    keep = int(mask_BT.any(0).nonzero().max()) + 1 if check_every > 1 else mask_BT.shape[1]
-    return SampleOutput(
-        tokens_BT=torch.stack(tokens, dim=1)[:, :keep],
-        mask_BT=mask_BT[:, :keep],
-        logp_BT=torch.stack(logps, dim=1)[:, :keep],
-        truncated_B=~finished_B if params.stop_at_eos else torch.ones_like(finished_B),
-    )
+    stepper = lean_decoder(model, returned_cache(out), mask_BL, ids_BP.shape[1] + params.max_new_tokens, params)
+    if stepper is None:
+        stepper = _ModelStep(model, returned_cache(out), mask_BL)
+    del out  # the lean decoder copied the prefill cache into its own buffers; _ModelStep holds it
+    eos_ids = torch.tensor(eos_token_ids, device=ids_BP.device)
+    loop = _DecodeLoop(params, eos_ids, pad_token_id, generator, all_ranks_done)
+    return loop.run(stepper, logits_BV, positions_BP[:, -1] + 1)
+
+
+class _ModelStep:
+    """One decode step through the model's own forward and KV cache (layouts the lean step lacks)."""
+
+    def __init__(self, model: nn.Module, cache, mask_BL: Tensor) -> None:  # noqa: ANN001 - any HF cache
+        self.model, self.cache, self.mask_BL, self.cache_arg = model, cache, mask_BL, cache_kwarg(model)
+
+    def step(self, tok_B: Tensor, pos_B: Tensor, alive_B: Tensor) -> Tensor:
+        self.mask_BL = torch.cat([self.mask_BL, alive_B.long()[:, None]], dim=1)
+        out = self.model(input_ids=tok_B[:, None], attention_mask=self.mask_BL, position_ids=pos_B[:, None],
+                         use_cache=True, **{self.cache_arg: self.cache})
+        self.cache = returned_cache(out)
+        return out.logits[:, -1, :]
+
+
+class _DecodeLoop:
+    """Draw a token per row and step the model until every row has stopped or the limit is hit."""
+
+    def __init__(self, params: SamplingParams, eos_ids: Tensor, pad_token_id: int,
+                 generator: torch.Generator | None, all_ranks_done: Callable[[bool], bool] | None) -> None:
+        self.params, self.eos_ids, self.pad_token_id = params, eos_ids, pad_token_id
+        self.generator, self.all_ranks_done = generator, all_ranks_done
+        # "Every row finished?" is a host sync. On an accelerator a sync per token idles the device
+        # while Python queues the next step, so the loop asks every few tokens and trims the
+        # pad-only columns it ran past the last EOS; the output is the same as asking every token.
+        self.check_every = stop_check_interval(eos_ids.device)
+
+    def run(self, stepper, logits_BV: Tensor, pos_B: Tensor) -> SampleOutput:  # noqa: ANN001 - has .step
+        params = self.params
+        finished_B = torch.zeros(logits_BV.shape[0], dtype=torch.bool, device=logits_BV.device)
+        tokens, logps, valid = [], [], []
+        for step in range(params.max_new_tokens):
+            tok_B, logp_B = pick_tokens(logits_BV, params, self.generator)
+            tok_B = tok_B.masked_fill(finished_B, self.pad_token_id)
+            tokens.append(tok_B)
+            logps.append(logp_B.masked_fill(finished_B, 0.0))
+            valid.append(~finished_B)
+            if params.stop_at_eos:
+                finished_B = finished_B | torch.isin(tok_B, self.eos_ids)
+            done = self._all_done(step, finished_B)  # a collective under FSDP: every rank calls it alike
+            if step == params.max_new_tokens - 1 or done:
+                break
+            logits_BV = stepper.step(tok_B, pos_B, ~finished_B)  # the lean step keeps its own mask
+            pos_B = pos_B + 1
+        return self._output(tokens, logps, valid, finished_B)
+
+    def _all_done(self, step: int, finished_B: Tensor) -> bool:
+        if not self.params.stop_at_eos or (step + 1) % self.check_every != 0:
+            return False
+        done = bool(finished_B.all())
+        return self.all_ranks_done(done) if self.all_ranks_done is not None else done
+
+    def _output(self, tokens: list, logps: list, valid: list, finished_B: Tensor) -> SampleOutput:
+        mask_BT = torch.stack(valid, dim=1)
+        keep = int(mask_BT.any(0).nonzero().max()) + 1 if self.check_every > 1 else mask_BT.shape[1]
+        return SampleOutput(
+            tokens_BT=torch.stack(tokens, dim=1)[:, :keep],
+            mask_BT=mask_BT[:, :keep],
+            logp_BT=torch.stack(logps, dim=1)[:, :keep],
+            truncated_B=~finished_B if self.params.stop_at_eos else torch.ones_like(finished_B),
+        )

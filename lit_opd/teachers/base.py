@@ -1,11 +1,21 @@
-"""The teacher protocol: one small interface, a declared capability, no weights in checkpoints."""
+"""The teacher protocol: one small interface, a declared capability, no weights in checkpoints.
+
+Every ability a method or callback may use is declared here with a default, so callers ask the
+protocol and never probe a teacher's attributes: ``score`` (required), ``identity`` (required),
+``to``, ``score_hidden`` (the memory-lean loss), ``generator`` (a model that samples token ids, for
+sequence-level KD), ``scoring_model`` (a model whose logits are ``score``'s distribution, for
+calibration) and ``generate_text`` (text continuations, for text-only methods). A group of
+teachers (an ensemble, a teacher per row) implements the same protocol.
+"""
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
@@ -31,7 +41,33 @@ class Teacher(abc.ABC):
         """JSON-able description that says whether a resumed run has the same teacher."""
 
     def to(self, device: torch.device | str) -> Teacher:  # noqa: ARG002 - remote teachers ignore it
+        """Place the teacher's weights on the training device (remote teachers: nothing to do)."""
         return self
+
+    def score_hidden(self, batch: RolloutBatch) -> TeacherOutput | None:  # noqa: ARG002
+        """Last hidden states and output weight instead of logits (the memory-lean loss path), or
+        None when this teacher cannot give them; the method then calls :meth:`score`."""
+        return None
+
+    def generator(self) -> nn.Module | None:
+        """A local causal LM that samples completions as token ids in the student's vocabulary
+        (sequence-level KD's teacher rollouts), or None."""
+        return None
+
+    def scoring_model(self) -> nn.Module | None:
+        """A local causal LM whose logits give exactly the distribution :meth:`score` returns (what
+        calibration teacher-forces), or None."""
+        return None
+
+    def generate_text(
+        self, prompts: Sequence[str], max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[str | None]]:
+        """``num_samples`` text continuations of each prompt (None where the teacher gave no answer),
+        for methods that compare text. Teachers that cannot generate text raise."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot generate text; use a teacher that can (e.g. HFTeacher)"
+        )
 
 
 def check_capability(teacher: Teacher, needed: TeacherCapability, method: str, setting: str) -> None:

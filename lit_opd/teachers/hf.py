@@ -3,6 +3,7 @@ at a scoring temperature τ (the teacher's distribution is softmax(logits / τ),
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -13,13 +14,13 @@ from transformers.modeling_outputs import CausalLMOutput
 from lit_opd.objectives.lean import completion_hidden, plain_head
 from lit_opd.models import ModelSpec, as_spec, completion_logits, freeze, load_causal_lm, load_tokenizer
 from lit_opd.teachers.base import Teacher
-from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
+from lit_opd.types import RolloutBatch, SamplingParams, TeacherCapability, TeacherOutput
 
 
 class TemperatureScaled(nn.Module):
     """A causal LM whose logits are divided by ``temperature``: what :class:`HFTeacher` scores with,
-    exposed so that code that calls the model directly (ListOPD's calibration) sees the same
-    distribution as ``score``."""
+    exposed (``HFTeacher.scoring_model``) so that code that calls the model directly (ListOPD's
+    calibration) sees the same distribution as ``score``."""
 
     def __init__(self, model: nn.Module, temperature: float) -> None:
         super().__init__()
@@ -37,10 +38,10 @@ class HFTeacher(Teacher):
         tokenizer: tokenizer path or object; defaults to the one stored with ``model``.
         name: label for logs and the checkpoint identity when ``model`` is an object.
         temperature: scoring temperature τ > 0: ``score`` and ``score_hidden`` return the
-            distribution softmax(logits / τ), and ``scorer`` is the model that computes it (1.0 = the
-            model as trained). τ > 1 flattens the teacher (fatter tails), τ < 1 sharpens it. Teacher
-            *rollouts* (``OPDModule.teacher_generator``) use the raw model; their temperature is
-            ``SamplingParams.temperature``.
+            distribution softmax(logits / τ), and ``scoring_model()`` is the model that computes it
+            (1.0 = the model as trained). τ > 1 flattens the teacher (fatter tails), τ < 1 sharpens
+            it. Teacher *rollouts* (``generator()``, ``generate_text``) use the raw model; their
+            temperature is the sampling temperature.
     """
 
     capability: ClassVar[TeacherCapability] = TeacherCapability.FULL_LOGITS
@@ -68,12 +69,37 @@ class HFTeacher(Teacher):
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch) -> TeacherOutput:
-        return TeacherOutput(logits_BTV=completion_logits(self.scorer, batch))
+        return TeacherOutput(logits_BTV=completion_logits(self.scoring_model(), batch))
 
-    @property
-    def scorer(self) -> nn.Module:
+    def scoring_model(self) -> nn.Module:
         """The model whose logits ``score`` returns: ``model``, divided by ``temperature`` if it is not 1."""
         return self.model if self.temperature == 1.0 else TemperatureScaled(self.model, self.temperature)
+
+    def generator(self) -> nn.Module:
+        return self.model
+
+    @torch.no_grad()
+    def generate_text(
+        self, prompts: Sequence[str], max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[str | None]]:
+        """``num_samples`` sampled continuations of each raw-text prompt, decoded to text (the same
+        KV-cached sampler as the student's rollouts)."""
+        from lit_opd.rollout.prompts import collate_prompts
+        from lit_opd.rollout.sampling import sample
+
+        records = [{"prompt_ids": self.tokenizer(p)["input_ids"], "answer": None, "answer_ids": [], "row_index": i}
+                   for i, p in enumerate(prompts)]
+        batch = collate_prompts(records, self.tokenizer.pad_token_id).to(self.model.device)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples)
+        eos = self.tokenizer.eos_token_id
+        out = sample(self.model, batch.prompt_ids_BP, batch.prompt_mask_BP, params,
+                     eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else [eos],
+                     pad_token_id=self.tokenizer.pad_token_id,
+                     generator=torch.Generator(self.model.device).manual_seed(seed))
+        ids_BT = out.tokens_BT.masked_fill(~out.mask_BT, self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(ids_BT.tolist(), skip_special_tokens=True)
+        return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
     @torch.no_grad()
     def score_hidden(self, batch: RolloutBatch) -> TeacherOutput | None:

@@ -31,6 +31,35 @@ def test_every_config_parses(config, capsys, monkeypatch):
     assert printed["data"]["class_path"]
 
 
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "OPDModule" in (REPO / c).read_text()], ids=str)
+def test_print_config_shows_the_objective_settings(config, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lit_opd"])
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    objective = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["objective"]
+    assert objective["class_path"].split(".")[-1] in ("Divergence", "SampledReward", "BaseRelativeClip")
+    assert {"kl_coef", "reduction"} <= set(objective["init_args"]) or "kind" in objective["init_args"]
+
+
+def test_a_pre_component_config_names_the_moved_keys(tmp_path, capsys, monkeypatch):
+    """A config written before objectives were components fails with one message that says where
+    its loss settings went, not a parser dump."""
+    old = yaml.safe_load((REPO / "configs/quickstart.yaml").read_text())
+    old["model"]["init_args"].pop("objective")
+    old["model"]["init_args"].update(loss="divergence", divergence="jsd", beta=0.0)
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--config", str(path), "--print_config"])
+    message = str(exit_.value.code)
+    assert "is no longer a setting" in message and "(beta, divergence, loss)" in message
+    assert "lit_opd.objectives.Divergence" in message
+    with pytest.raises(SystemExit, match="model.init_args.beta is no longer"):
+        cli_main(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.beta", "1.0"])
+
+
 def test_tiny_config_exercises_the_gkd_mix():
     cfg = yaml.safe_load(TINY_OPD.read_text())
     assert cfg["model"]["class_path"] == "lit_opd.OPDModule"

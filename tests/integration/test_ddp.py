@@ -3,7 +3,7 @@ averaged; under ModelParallelStrategy the student is sharded with ``fully_shard`
 generates (every decode step gathers its shards; ranks stop decoding together).
 
 Runs ``strategy="ddp"`` only in a subprocess with a clean environment and a fresh MASTER_PORT
-(ENV.md §3: in-process ddp under pytest re-runs pytest as rank 1 and leaks the process group).
+(in-process ddp under pytest re-runs pytest as rank 1 and leaks the process group).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from lit_opd import HFTeacher, OPDModule, RolloutBatch, RolloutDataModule, SamplingParams, TaskPrompts
+from lit_opd import Divergence, HFTeacher, OPDModule, RolloutBatch, RolloutDataModule, SamplingParams, TaskPrompts
 from lit_opd.tasks import AdditionTask
+from tests.helpers import make_trainer
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +40,7 @@ def _data(batch_size: int = 4) -> RolloutDataModule:
 
 
 def _trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:  # noqa: ANN003
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, default_root_dir=root, **kwargs,
-    )
+    return make_trainer(root, max_steps, **{"logger": None, **kwargs})
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -90,7 +87,7 @@ def test_user_trainer_callback_and_logger(tmp_path, student_dir, teacher_dir):
 
 def test_self_distillation_has_zero_loss(tmp_path, student_dir):
     """Teacher == student (same weights): every divergence is zero at the first step."""
-    module = OPDModule(student_dir, HFTeacher(student_dir), loss="divergence", divergence="jsd", beta=0.5)
+    module = OPDModule(student_dir, HFTeacher(student_dir), objective=Divergence(kind="jsd", beta=0.5))
     counter = CountBatches()
     trainer = _trainer(tmp_path, 1, callbacks=[counter], logger=False)
     trainer.fit(module, _data(batch_size=8))

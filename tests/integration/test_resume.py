@@ -1,4 +1,4 @@
-"""Exact resume after a real crash (DESIGN.md decision 5) and the teacher identity in checkpoints.
+"""Exact resume after a real crash (same losses as an unbroken run) and the teacher identity in checkpoints.
 
 Run A trains 8 steps without a break. Run B, same config in another directory, is SIGKILLed right
 after step 5 (its last checkpoint is step 4, so step 5's work is lost), then resumed with ``--ckpt_path last`` to 8

@@ -24,7 +24,7 @@ REDUCTIONS = ("token_mean", "seq_mean", "sum")
 
 
 # --------------------------------------------------------------------------------------------------
-# references written in probability space, straight from the definitions (METHODS.md §0.2)
+# from-definition references in probability space (lit_opd/objectives/README.md, "divergences.py")
 # --------------------------------------------------------------------------------------------------
 def _ref_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return sum(p[v] * torch.log(p[v] / q[v]) for v in range(p.numel()))
@@ -365,7 +365,7 @@ class TestPinnedValues:
 
 
 # --------------------------------------------------------------------------------------------------
-# TRL parity (METHODS.md §6)
+# TRL parity: GKDTrainer.generalized_jsd_loss, batchmean = token mean over valid tokens
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])
 def test_trl_gkd_parity(beta, monkeypatch):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_opd import HFTeacher, OPDModule
 from lit_opd.objectives import divergences as D
 from lit_opd.objectives.lean import hidden_divergence, plain_head
-from tests.helpers import make_tiny_model
-from tests.methods.opd.test_opd_module import _batch
+from lit_opd.objectives import Divergence, SampledReward
+from tests.helpers import make_module, make_rollout_batch, make_tiny_model
 
 
 def _inputs(seed=0, B=3, T=5, H=8, V=13):
@@ -75,15 +74,14 @@ def test_plain_head_detection(char_tok):
     assert not plain_head(model)
 
 
-@pytest.mark.parametrize("loss", ["divergence", "sampled"])
-def test_opd_module_lean_path_matches_logits_path(char_tok, loss):
+@pytest.mark.parametrize("objective", [Divergence, SampledReward])
+def test_opd_module_lean_path_matches_logits_path(char_tok, objective):
     def module(chunk_size):
-        student = make_tiny_model(len(char_tok), 32, 2, seed=0)
-        teacher = HFTeacher(make_tiny_model(len(char_tok), 32, 2, seed=1), tokenizer=char_tok)
-        return OPDModule(student, teacher, tokenizer=char_tok, loss=loss, beta=0.5, chunk_size=chunk_size)
+        settings = {"beta": 0.5} if objective is Divergence else {}
+        return make_module(char_tok, objective=objective(chunk_size=chunk_size, **settings))
 
     lean, full = module(3), module(None)
-    batch = _batch(char_tok)
+    batch = make_rollout_batch(char_tok)
     lean_out = lean.score_teacher(batch)
     assert lean_out.hidden_BTH is not None and lean_out.logits_BTV is None
     a, metrics_a = lean.loss(batch, lean_out)

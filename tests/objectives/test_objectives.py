@@ -1,4 +1,4 @@
-"""Tests for lit_opd.objectives: METHODS.md §0.3–0.5 hand values and gradient checks."""
+"""Tests for lit_opd.objectives.sampled: the hand values of lit_opd/methods/opd/README.md, gradients."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_reverse_kl_advantage():
 
 
 # --------------------------------------------------------------------------------------------------
-# PPO clip loss (METHODS.md §0.5)
+# PPO clip loss (lit_opd/objectives/README.md, "sampled.py")
 # --------------------------------------------------------------------------------------------------
 def _ppo_one(adv: float, ratio: float, **kw):
     old = _one(math.log(0.5))

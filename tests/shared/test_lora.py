@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from lit_opd import HFTeacher, ModelSpec, OPDModule, SFTModule  # noqa: E402
+from lit_opd import Divergence, HFTeacher, ModelSpec, OPDModule, SampledReward, SFTModule  # noqa: E402
 from lit_opd.lora import LoraSpec, is_peft_model  # noqa: E402
 from lit_opd.models import load_causal_lm  # noqa: E402
 from lit_opd.rollout.sampling import cache_kwarg  # noqa: E402
@@ -175,7 +175,7 @@ def test_resume_refuses_a_mismatched_student(lora_module, full_module, student_d
 # ----- G-OPD reference -----------------------------------------------------------------------------
 def test_gopd_reference_of_a_lora_student_is_the_frozen_base(student_dir, teacher_dir):
     """OPDModule deep-copies the student: with zero lora_B that copy computes the base model."""
-    module = OPDModule(ModelSpec(student_dir, lora=LORA), HFTeacher(teacher_dir), loss="sampled", lambda_=2.0)
+    module = OPDModule(ModelSpec(student_dir, lora=LORA), HFTeacher(teacher_dir), objective=SampledReward(lambda_=2.0))
     reference = module._frozen["reference"]
     assert not any(p.requires_grad for p in reference.parameters()) and not reference.training
     student_ids = {id(p) for p in module.student.parameters()}
@@ -193,12 +193,14 @@ def test_opd_loss_of_a_lora_student_trains_only_adapters_on_both_loss_paths(stud
 
     prompt = torch.tensor([[0, 2, 20, 21], [2, 22, 23, 24]])
     ids = torch.tensor([[30, 31, 3], [32, 3, 0]])
-    batch = RolloutBatch(prompt, (prompt != 0).long(), ids, torch.tensor([[1, 1, 1], [1, 1, 0]]).bool(),
-                         torch.full(ids.shape, -1.0), [None, None], torch.arange(2))
+    batch = RolloutBatch(prompt_ids_BP=prompt, prompt_mask_BP=(prompt != 0).long(), completion_ids_BT=ids,
+                         completion_mask_BT=torch.tensor([[1, 1, 1], [1, 1, 0]]).bool(),
+                         sampler_logp_BT=torch.full(ids.shape, -1.0), answers=[None, None], row_index_B=torch.arange(2))
     losses = []
     for chunk_size in (None, 2):
         torch.manual_seed(0)
-        module = OPDModule(ModelSpec(student_dir, lora=LORA), HFTeacher(teacher_dir), chunk_size=chunk_size)
+        module = OPDModule(ModelSpec(student_dir, lora=LORA), HFTeacher(teacher_dir),
+                           objective=Divergence(chunk_size=chunk_size))
         _perturb_adapters(module.student)
         teacher_out = module.score_teacher(batch)
         assert (getattr(teacher_out, "hidden_BTH", None) is not None) == (chunk_size is not None)

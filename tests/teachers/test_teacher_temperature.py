@@ -1,4 +1,4 @@
-"""HFTeacher(temperature=τ): score, score_hidden and the scorer that ListOPD calibrates with all give
+"""HFTeacher(temperature=τ): score, score_hidden and the scoring model that ListOPD calibrates with all give
 softmax(logits / τ); bad values are refused naming the setting."""
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ def test_score_divides_the_logits_by_the_temperature(char_tok):
     raw = HFTeacher(model, tokenizer=char_tok).score(batch).logits_BTV
     hot = HFTeacher(model, tokenizer=char_tok, temperature=2.5)
     torch.testing.assert_close(hot.score(batch).logits_BTV, raw / 2.5)
-    torch.testing.assert_close(completion_logits(hot.scorer, batch), raw / 2.5)
+    torch.testing.assert_close(completion_logits(hot.scoring_model(), batch), raw / 2.5)
     lean = hot.score_hidden(batch)  # the memory-lean path: h·(W/τ)ᵀ
     torch.testing.assert_close(lean.hidden_BTH @ lean.head_weight_VH.T, raw / 2.5, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lean.hidden_BTH, completion_hidden(model, batch))
-    assert HFTeacher(model, tokenizer=char_tok).scorer is model  # τ = 1: the model itself
+    assert HFTeacher(model, tokenizer=char_tok).scoring_model() is model  # τ = 1: the model itself
     assert hot.identity()["temperature"] == 2.5 and "temperature" not in HFTeacher(model, tokenizer=char_tok).identity()
 
 
@@ -70,8 +70,9 @@ def test_untempered_lean_scoring_hands_over_the_head_weight_itself(char_tok):
     from lit_opd.types import RolloutBatch
 
     model = make_tiny_model(len(char_tok))
-    batch = RolloutBatch(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long),
-                         torch.tensor([[5, 3]]), torch.ones(1, 2, dtype=torch.bool), None, [None], torch.arange(1))
+    batch = RolloutBatch(prompt_ids_BP=torch.ones(1, 2, dtype=torch.long), prompt_mask_BP=torch.ones(1, 2, dtype=torch.long),
+                         completion_ids_BT=torch.tensor([[5, 3]]), completion_mask_BT=torch.ones(1, 2, dtype=torch.bool),
+                         sampler_logp_BT=None, answers=[None], row_index_B=torch.arange(1))
     plain = HFTeacher(model, tokenizer=char_tok).score_hidden(batch)
     assert plain.head_weight_VH is model.get_output_embeddings().weight
     hot = HFTeacher(model, tokenizer=char_tok, temperature=2.0).score_hidden(batch)

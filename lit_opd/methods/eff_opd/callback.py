@@ -1,7 +1,7 @@
 """EffOPDCallback: extrapolate the student along its own OPD update direction, keep what helps.
 
 Paper: EffOPD (arXiv 2605.11739); official code ``caiyuchen-ustc/EffOPD`` (verl
-``fsdp_workers.py``: ``_iterative_test_and_modify``). METHODS.md §1.
+``fsdp_workers.py``: ``_iterative_test_and_modify``). Hand values and measured outcome: README.md here.
 
 At optimizer steps s = 1, 2, 4, 8, ... (``s & (s-1) == 0``) a greedy line search runs over
 the attention and MLP parameters M, with d = θ_s − θ_anc (θ_anc: the anchor)::
@@ -25,14 +25,7 @@ Deliberate differences from the official code:
 As in the official code, the optimizer state (Adam moments, step counts) and the LR schedule are
 not touched: the optimizer simply continues from the extrapolated weights.
 
-Memory: one fp32 copy of the extrapolated parameters (the anchor; ``anchor_on_cpu=True`` keeps it
-in host memory) and, only during a search, one more copy in their own dtype (the start point).
-The anchor and the cached rollouts of ``score="loss"`` go into the checkpoint.
-
-Distributed: every rank scores; scores are averaged over ranks and broadcast from rank 0, so all
-ranks take the same decisions and apply the same update. Each rank moves the tensors it holds
-(``DTensor`` shards through ``to_local()``; FSDP v1 needs ``use_orig_params=True``). A checkpoint
-keeps rank 0's anchor only, so a sharded run resumes with its anchor re-initialised (a warning).
+Memory, distributed runs and checkpoints: README.md beside this file, "Memory, DDP and FSDP".
 
 Run: ``python -m lit_opd fit --config configs/eff_opd/quickstart.yaml``.
 """
@@ -49,11 +42,14 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
+from lit_opd.methods.base import PolicyModule
+from lit_opd.rollout.datamodule import RolloutDataModule
 from lit_opd.types import RolloutBatch
 
 #: Substrings (matched in the lower-cased parameter name) of the parameters EffOPD moves: attention
-#: and MLP blocks; embeddings, norms outside them and the LM head stay put (METHODS.md §1.1).
+#: and MLP blocks; embeddings, norms outside them and the LM head stay put (README.md, "The line search").
 DEFAULT_MODULES: tuple[str, ...] = (
     "attn", "self_attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj",
     "mlp", "feed_forward", "ffn", "gate_proj", "up_proj", "down_proj",
@@ -150,12 +146,13 @@ def _cpu_copy(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def local_tensor(param: Tensor) -> Tensor:
     """The tensor this rank holds: the parameter's data, or its local shard for a ``DTensor``."""
     data = param.data
-    return data.to_local() if hasattr(data, "to_local") else data
+    return data.to_local() if isinstance(data, DTensor) else data
 
 
 def policy_of(pl_module: L.LightningModule) -> nn.Module:
-    """The student: ``pl_module.policy`` (every lit_opd method has it), else the module itself."""
-    return getattr(pl_module, "policy", pl_module)
+    """The student: ``pl_module.policy`` for a lit_opd method, else the module itself (a plain
+    LightningModule is its own model)."""
+    return pl_module.policy if isinstance(pl_module, PolicyModule) else pl_module
 
 
 # ----- held-out scores ------------------------------------------------------------------------
@@ -163,9 +160,7 @@ def loss_score(pl_module: L.LightningModule, batches: Sequence[RolloutBatch]) ->
     """− mean over ``batches`` of the method's own loss against its teacher (no grad)."""
     total = 0.0
     for batch in batches:
-        score_teacher = getattr(pl_module, "score_teacher", pl_module.teacher.score)  # the lean path if on
-        loss, _ = pl_module.loss(batch, score_teacher(batch))
-        total += float(loss)
+        total += float(pl_module.score_loss(batch))
     return -total / len(batches)
 
 
@@ -271,7 +266,7 @@ class EffOPDCallback(L.Callback):
             rank_zero_warn("EffOPDCallback: the checkpoint holds rank 0's shard of the anchor only; "
                            "re-initialising the anchor from the resumed weights")
             self.anchor = None
-        self._sharded = any(hasattr(p.data, "to_local") for _, p in params)
+        self._sharded = any(isinstance(p.data, DTensor) for _, p in params)
         if self.anchor is None:  # fresh run: the anchor is the student before its first step
             self.anchor = {n: local_tensor(p).detach().to(device=device, dtype=torch.float32, copy=True)
                            for n, p in params}
@@ -304,18 +299,18 @@ class EffOPDCallback(L.Callback):
     @staticmethod
     def _check_can_evaluate(trainer: L.Trainer) -> None:
         datamodule = trainer.datamodule
-        if not hasattr(datamodule, "evaluate"):
-            raise ValueError("EffOPDCallback(score='accuracy') needs a DataModule with evaluate(module) "
-                             "(RolloutDataModule); pass score='loss' or score_fn otherwise")
+        if not isinstance(datamodule, RolloutDataModule):
+            raise ValueError("EffOPDCallback(score='accuracy') needs the RolloutDataModule (its evaluate(module)); "
+                             "pass score='loss' or score_fn otherwise")
         loader = datamodule.val_dataloader()
         if isinstance(loader, list) and not loader:
             raise ValueError("EffOPDCallback(score='accuracy') needs validation prompts: set the "
                              "DataModule's val_source or val_size > 0")
 
     def _prepare_loss_cache(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not hasattr(pl_module, "teacher") or not hasattr(pl_module, "loss"):
-            raise ValueError("EffOPDCallback(score='loss') needs pl_module.teacher and pl_module.loss(batch, "
-                             f"teacher_out); {type(pl_module).__name__} lacks them: use score_fn")
+        if not isinstance(pl_module, PolicyModule):
+            raise ValueError("EffOPDCallback(score='loss') needs a lit_opd method (its score_loss(batch)); "
+                             f"{type(pl_module).__name__} is not one: use score_fn")
         if self._loss_cache is None:  # rank 0's rollouts on every rank: same scores, exact resume
             cache = self._roll_out_validation(trainer, pl_module)
             self._loss_cache = trainer.strategy.broadcast(cache, src=0)
@@ -323,7 +318,7 @@ class EffOPDCallback(L.Callback):
 
     def _roll_out_validation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         datamodule = trainer.datamodule
-        loader = datamodule.val_dataloader() if hasattr(datamodule, "rollout") else []
+        loader = datamodule.val_dataloader() if isinstance(datamodule, RolloutDataModule) else []
         cache = []
         with scoring_context(pl_module, self.seed):
             for i, batch in enumerate(loader):

@@ -1,4 +1,4 @@
-"""UpdateDynamicsCallback: how OPD moves the student's weight matrices (METHODS.md §1.4).
+"""UpdateDynamicsCallback: how OPD moves the student's weight matrices (README.md, "UpdateDynamicsCallback").
 
 EffOPD (arXiv 2605.11739) motivates extrapolation by three observations about ΔW = W_s − W_0 of
 each attention / MLP matrix, measured here against the weights when training starts:
@@ -28,6 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lit_opd.methods.eff_opd.callback import DEFAULT_MODULES, policy_of, select_parameters
 
@@ -56,7 +57,7 @@ def update_stats(w0: Tensor, w: Tensor, u_ref: Tensor | None = None) -> tuple[di
 def full_tensor(param: Tensor) -> Tensor:
     """The whole matrix (a sharded ``DTensor`` is gathered: every rank must call this)."""
     data = param.data
-    return data.full_tensor() if hasattr(data, "full_tensor") else data
+    return data.full_tensor() if isinstance(data, DTensor) else data
 
 
 def _cpu(tensors: dict[str, Tensor] | None) -> dict[str, Tensor] | None:

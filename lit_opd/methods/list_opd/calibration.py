@@ -1,7 +1,7 @@
-"""Calibrate the extrapolation cliff λ* of a teacher / warm-start pair (ListOPD, METHODS.md §3.2).
+"""Calibrate the extrapolation cliff λ* of a teacher / warm-start pair (ListOPD; README.md, "Calibration").
 
-Paper: arXiv 2605.08737 (ListOPD). The recipe is our reading of its abstract ([inferred] in
-METHODS.md): teacher-force valid reference answers on a calibration split, measure at every
+Paper: arXiv 2605.08737 (ListOPD). The recipe is our reading of its abstract (not the paper's
+text): teacher-force valid reference answers on a calibration split, measure at every
 structural position t the mass both models put on the contract-valid tokens C_t, and take the
 position with the smallest clip-safe threshold:
 

@@ -30,7 +30,7 @@ def calibrate_main(argv: list[str]) -> CalibrationReport:
 
     try:
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.student)
-        teacher = HFTeacher(cfg.teacher, tokenizer, temperature=cfg.teacher_temperature).scorer
+        teacher = HFTeacher(cfg.teacher, tokenizer, temperature=cfg.teacher_temperature).scoring_model()
         base = freeze(load_causal_lm(cfg.student))
         rows = RankingTask(k=cfg.k).make_rows(cfg.num_rows, cfg.seed)
         report = calibrate(teacher, base, tokenizer, rows, cfg.clip, cfg.anchor, positions=cfg.positions,

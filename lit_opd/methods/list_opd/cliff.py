@@ -1,14 +1,14 @@
-"""The extrapolation cliff: the clip-safe extrapolation threshold λ*(p,b,c) (METHODS.md §3).
+"""The extrapolation cliff: the clip-safe extrapolation threshold λ*(p,b,c) (README.md here, "The cliff λ*").
 
 Paper: "The Extrapolation Cliff in On-Policy Distillation of Near-Deterministic Structured Outputs"
 (ListOPD), arXiv 2605.08737, https://lixin.ai/ListOPD. The paper states that a closed-form,
 base-relative clip-safety threshold λ*(p,b,c) exists; its formula was not available to us.
-**Every closed form in this module is our own derivation** (METHODS.md marks it [inferred]); the
+**Every closed form in this module is our own derivation**, not the paper's text; the
 hand values in the tests are computed from it, not taken from the paper.
 
 Setup (one structural position, Bernoulli). The valid token has teacher probability p, warm-start
 (= G-OPD reference π_ref) probability b and student probability q; θ = logit q. G-OPD advantages
-(METHODS.md §0.4, ``objectives.gopd_advantage``):
+(lit_opd/methods/opd/README.md, "G-OPD reward extrapolation λ"; ``objectives.gopd_advantage``):
 
     A(1) = λ(ln p − ln b) − (ln q − ln b),   A(0) = λ(ln(1−p) − ln(1−b)) − (ln(1−q) − ln(1−b))
     g(θ) = E_{y~q}[A(y) ∇_θ ln q(y)] = q(1−q)[A(1) − A(0)] = q(1−q)[λ D − (θ − logit b)],
@@ -29,7 +29,7 @@ Properties: λ* > 1 ⇔ (1−p)/(1−b) > 1−c when the tail binds (b ≥ 1/2);
 ρ = (1−p)/(1−b), λ* → ln(1−c)/ln ρ. K-ary: q*_k(λ) = softmax_k((1−λ) ln b_k + λ ln p_k); the
 threshold is found by bisection on the class-mass predicate (see :func:`lambda_star_kary`).
 
-Two-sided band (``two_sided=True``, our extension, not in METHODS.md §3.1, which assumes p > b):
+Two-sided band (``two_sided=True``, our extension; the one-sided derivation above assumes p > b):
 where the teacher is *less* certain than the warm start (p < b), q*(λ) falls with λ and its tail
 grows past the teacher's for λ > 1 — toward invalid outputs. The same band then binds from the other
 side: tail (1−q)/(1−a) ≤ 1+c, i.e. q = 1 − (1+c)(1−a), or head q/a ≥ 1−c; λ* is the first root
@@ -85,7 +85,7 @@ def lambda_star(p: float, b: float, c: float, anchor: str = "base", two_sided: b
 
     λ* = min over the binding roots q_r of [logit q_r − logit b] / [logit p − logit b], with
     q_r = 1 − (1−c)(1−a) (tail) and, when a < 1/(1+c), q_r = (1+c) a (head); a = b for
-    ``anchor="base"`` (METHODS.md §3.1 step 3), a = p for ``anchor="teacher"`` (step 4).
+    ``anchor="base"``, a = p for ``anchor="teacher"`` (README.md here, "The cliff λ*").
     ``two_sided``: where p < b use the band's other edges, q_r = 1 − (1+c)(1−a) (when positive)
     and q_r = (1−c) a; p = b gives +inf (q* does not move with λ).
 
@@ -120,7 +120,7 @@ def lambda_star(p: float, b: float, c: float, anchor: str = "base", two_sided: b
 
 
 def gopd_bernoulli_gradient(q: float, p: float, b: float, lambda_: float) -> float:
-    """Expected G-OPD policy gradient wrt θ = logit q: g = q(1−q)[A(1) − A(0)] (METHODS.md §3.1).
+    """Expected G-OPD policy gradient wrt θ = logit q: g = q(1−q)[A(1) − A(0)] (README.md, "The cliff λ*").
 
     A(1) = λ(ln p − ln b) − (ln q − ln b);  A(0) = λ(ln(1−p) − ln(1−b)) − (ln(1−q) − ln(1−b)).
     Positive below q*(λ), zero at q*(λ), negative above it.
@@ -173,7 +173,7 @@ def lambda_star_kary(
     within its complement this equals :func:`lambda_star` (p_C, B_C, c).
 
     Assumes the safe set is an interval [lo, λ*]: true when Q_C(λ) is monotone in λ, which holds in
-    the Bernoulli-exact case and when a single binding class dominates (METHODS.md §3.1 step 5).
+    the Bernoulli-exact case and when a single binding class dominates (README.md here, "K-ary bisection").
     Bisection then returns λ* to within ``tol``.
 
     Raises:

@@ -1,28 +1,14 @@
 """ListOPDModule: G-OPD below the extrapolation cliff, with a base-relative clip (ListOPD).
 
 Paper: "The Extrapolation Cliff in On-Policy Distillation of Near-Deterministic Structured Outputs",
-arXiv 2605.08737 (https://lixin.ai/ListOPD). Only its abstract was available; the recipe below is
-METHODS.md §3 ([inferred] where marked there), built on G-OPD (arXiv 2602.12125).
-
-Per completion token y_t of an on-policy rollout (π_ref = the frozen warm start, q_old the detached
-current student, q_samp the sampler):
-
-    A_t = κ [λ (log p_t − log π_ref,t) − (log q_old,t − log π_ref,t)]        (G-OPD advantage)
-    r_t = q_θ(y_t) / π_ref(y_t)                                            (base-relative ratio)
-    w_t = π_ref(y_t)/q_old(y_t) · min(q_old(y_t)/q_samp(y_t), C)            (detached weights)
-    l_t = w_t · max(−A_t r_t, −A_t clip(r_t, 1−c, 1+c))       L = Σ_t mask_t l_t / Σ_t mask_t
-
-i.e. ``objectives.ppo_clip_loss`` with ``old_logp = log π_ref`` (the clip keeps q/b inside
-[1−c, 1+c], METHODS.md §3.1 step 2). The weight π_ref/q_old turns student samples into warm-start
-ones (the toy of METHODS.md §3.5 draws from the base): r_t·w_t = q_θ/q_old · min(q_old/q_samp, C),
-so inside the band the gradient is exactly the on-policy G-OPD gradient and the fixed point is
-q* ∝ π_ref^{1−λ} p^λ; outside it (in the direction A pushes) the gradient is zero.
-``reweight_to_base=False`` drops π_ref/q_old (plain PPO against the base: the gradient is scaled
-by q/π_ref, which moves the fixed point). No dual clip by default (the §3.5 toy has none).
+arXiv 2605.08737 (https://lixin.ai/ListOPD). Only its abstract was available; the recipe here is our
+reading of it (README.md beside this file says which parts are inferred), built on G-OPD
+(arXiv 2602.12125). The loss is :class:`~lit_opd.methods.list_opd.objective.BaseRelativeClip`:
+the G-OPD advantage under a PPO clip of strength c measured against the warm start π_ref.
 
 λ: a number, or "auto" = λ* − δ, where λ* comes from ``lambda_star`` or is calibrated when fit
-starts (:mod:`lit_opd.methods.list_opd.calibration`: teacher-forced reference answers, p and b at the structural
-positions, median over prompts). A λ above λ* is refused unless ``allow_above_cliff``.
+starts (:mod:`lit_opd.methods.list_opd.calibration`: teacher-forced reference answers, p and b at
+the structural positions, median over prompts). A λ above λ* is refused unless ``allow_above_cliff``.
 
 Logs (``train/`` per step on the rollouts, ``val/`` per validation epoch on greedy completions):
 ``parse_valid`` (strict contract), ``ndcg@1`` (on parsed outputs; needs rows with ``candidates``
@@ -40,46 +26,28 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from lit_opd.objectives import divergences as D
-from lit_opd.objectives import sampled as O
-from lit_opd.methods.list_opd.calibration import (
-    CalibrationBatch, CalibrationReport, RankingContract, binding_tail_ratios, build_batches,
-    calibrate_batches, encode_rows,
-)
 from lit_opd.methods.base import default_optimizer
+from lit_opd.methods.list_opd.calibration import (
+    CalibrationBatch, CalibrationReport, RankingContract, binding_tail_ratios, build_batches, calibrate_batches,
+)
+from lit_opd.methods.list_opd.objective import BaseRelativeClip
+from lit_opd.methods.list_opd.ranking import RankingTask, parse_ranking
 from lit_opd.methods.opd import OPDModule
 from lit_opd.models import ModelSpec
 from lit_opd.rollout.prompts import PromptTokenizer
 from lit_opd.rollout.sources import PromptSource
-from lit_opd.methods.list_opd.ranking import RankingTask, parse_ranking
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch
-
-
-def base_relative_ppo_loss(
-    logp_BT: Tensor, ref_logp_BT: Tensor, teacher_logp_BT: Tensor, sampler_logp_BT: Tensor, mask_BT: Tensor,
-    lambda_: float, clip: float, kl_coef: float = 1.0, dual_clip: float | None = None, tis_cap: float = 5.0,
-    reweight_to_base: bool = True, reduction: str = "token_mean",
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The ListOPD objective (module docstring): G-OPD advantage, PPO clip against π_ref."""
-    old_logp_BT = logp_BT.detach()
-    adv_BT = kl_coef * O.gopd_advantage(old_logp_BT, teacher_logp_BT, ref_logp_BT, lambda_)
-    weights_BT = O.truncated_is_weights(old_logp_BT, sampler_logp_BT, tis_cap)
-    if reweight_to_base:
-        weights_BT = weights_BT * torch.exp(ref_logp_BT - old_logp_BT).detach()
-    loss, stats = O.ppo_clip_loss(logp_BT, ref_logp_BT, adv_BT, mask_BT, eps_low=clip, eps_high=clip,
-                                  dual_clip=dual_clip, is_weights_BT=weights_BT, reduction=reduction)
-    return loss, {"advantage": D.reduce_masked(adv_BT, mask_BT), "clip_frac": stats["clip_frac"],
-                  "clip_frac_lower": stats["clip_frac_lower"], "base_ratio_mean": stats["ratio_mean"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,14 +69,15 @@ def ranking_score(text: str, row: Mapping | None, answer: str | None) -> tuple[b
 
 class ListOPDModule(OPDModule):
     """G-OPD with reward extrapolation λ kept below the calibrated cliff λ*, and a PPO clip of
-    strength c measured against the warm start (METHODS.md §3).
+    strength c measured against the warm start (README.md beside this module).
 
     Args:
-        student, teacher, tokenizer, optimizer, scheduler, reference, kl_coef, tis_cap, reduction,
-            allow_teacher_change: see :class:`OPDModule` (the reference defaults to the student's
-            initial weights: the warm start). The teacher needs a local ``model`` to calibrate.
+        student, teacher, tokenizer, optimizer, scheduler, reference, allow_teacher_change: see
+            :class:`OPDModule` (the reference defaults to the student's initial weights: the warm
+            start). Calibration needs a teacher with a ``scoring_model()`` (every local teacher).
+        objective: the base-relative clip (``clip`` c, ``kl_coef``, ``dual_clip``, ``tis_cap``,
+            ``reweight_to_base``, ``reduction``); λ is set by this module.
         lambda_: the extrapolation λ, or "auto" = λ* − ``delta``.
-        clip: c, the base-relative clip strength (ratios q/π_ref kept in [1−c, 1+c]).
         lambda_star: a precomputed λ* (e.g. from ``python -m lit_opd calibrate``); it wins over the
             one calibrated at fit start (which then only feeds the tail-ratio log).
         delta: margin below λ* for ``lambda_="auto"``.
@@ -116,62 +85,55 @@ class ListOPDModule(OPDModule):
         anchor: clip anchor of λ*: "base" (the warm start, this module's clip) or "teacher".
         two_sided_cliff: also count positions where the teacher is less certain than the warm start
             (p < b): there λ > 1 pushes the tail above the warm start's, and λ* is where it leaves
-            the band's upper edge (:mod:`lit_opd.methods.list_opd.cliff`). Off: METHODS.md §3.1's reading (p > b only).
+            the band's upper edge (:mod:`lit_opd.methods.list_opd.cliff`). Off: only p > b counts.
         calibration_source: rows (prompt + answer) to calibrate on; None = the datamodule's
             validation rows, else its training rows. Encoded with the datamodule's prompt settings.
         calibration_rows: how many rows to calibrate on (0 = no calibration: needs ``lambda_star``
             for "auto", and no tail-ratio log).
-        reweight_to_base: multiply by π_ref/q_old (see the module docstring).
-        dual_clip: verl's dual clip for negative advantages (None = off).
     """
 
-    needs_reference: ClassVar[bool] = True
-
     def __init__(
-        self,
-        student: ModelSpec | str | nn.Module,
-        teacher: Teacher,
+        self, student: ModelSpec | str | nn.Module, teacher: Teacher,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
-        lambda_: float | Literal["auto"] = "auto",
-        clip: float = 0.2,
-        lambda_star: float | None = None,
-        delta: float = 0.02,
-        allow_above_cliff: bool = False,
-        anchor: Literal["base", "teacher"] = "base",
-        two_sided_cliff: bool = False,
-        calibration_source: PromptSource | None = None,
-        calibration_rows: int = 32,
-        reweight_to_base: bool = True,
-        kl_coef: float = 1.0,
-        dual_clip: float | None = None,
-        tis_cap: float = 5.0,
-        reference: ModelSpec | str | None = None,
-        reduction: Literal["token_mean", "seq_mean", "sum"] = "token_mean",
-        allow_teacher_change: bool = False,
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
+        objective: BaseRelativeClip = lazy_instance(BaseRelativeClip),
+        lambda_: float | Literal["auto"] = "auto", lambda_star: float | None = None, delta: float = 0.02,
+        allow_above_cliff: bool = False, anchor: Literal["base", "teacher"] = "base", two_sided_cliff: bool = False,
+        calibration_source: PromptSource | None = None, calibration_rows: int = 32,
+        reference: ModelSpec | str | None = None, allow_teacher_change: bool = False,
+        optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        _check_settings(lambda_, clip, delta, calibration_rows, anchor)
+        _check_settings(objective, lambda_, delta, calibration_rows, anchor)
         super().__init__(
-            student, teacher, tokenizer, loss="sampled", reduction=reduction, estimator="ppo",
-            kl_coef=kl_coef, lambda_=1.0 if lambda_ == "auto" else float(lambda_), reference=reference,
-            clip_eps_low=clip, clip_eps_high=clip, dual_clip=dual_clip, tis_cap=tis_cap,
+            student, teacher, tokenizer, objective=objective, reference=reference,
             allow_teacher_change=allow_teacher_change, optimizer=optimizer, scheduler=scheduler,
         )
         self.lambda_setting = lambda_
-        self.lambda_: float | None = None if lambda_ == "auto" else float(lambda_)
-        self.c, self.delta, self.allow_above_cliff, self.anchor = clip, delta, allow_above_cliff, anchor
+        self.lambda_ = None if lambda_ == "auto" else float(lambda_)
+        self.delta, self.allow_above_cliff, self.anchor = delta, allow_above_cliff, anchor
         self.two_sided_cliff = two_sided_cliff
         self.calibration_source, self.calibration_rows = calibration_source, calibration_rows
-        self.reweight_to_base = reweight_to_base
         self.given_lambda_star = lambda_star
         self.lambda_star: float | None = None
         self.calibration: CalibrationReport | None = None
         self._calibration_batches: list[CalibrationBatch] = []
-        self._row_lookup: dict[tuple, Mapping] | None = None
+        self._prompts: tuple[PromptTokenizer, list[dict], list[dict]] | None = None
         self.val_parse_valid, self.val_ndcg = MeanMetric(), MeanMetric()
         if lambda_star is not None:
             self.set_lambda_star(lambda_star)
+
+    @property
+    def lambda_(self) -> float | None:
+        """λ, held by the objective (None until "auto" is resolved)."""
+        return self.objective.lambda_
+
+    @lambda_.setter
+    def lambda_(self, value: float | None) -> None:
+        self.objective.lambda_ = value
+
+    @property
+    def c(self) -> float:
+        """The clip strength c of the objective (λ* depends on it)."""
+        return self.objective.clip
 
     # ----- λ and the cliff --------------------------------------------------------------------
     def set_lambda_star(self, value: float) -> float:
@@ -206,11 +168,11 @@ class ListOPDModule(OPDModule):
         return f"; binding position {r.binding_position}, p={r.p:.6f}, b={r.b:.6f}"
 
     def calibrate(self, records: Sequence[Mapping]) -> CalibrationReport:
-        """Calibrate λ* on encoded records (``prompt_ids``, ``answer``, ``answer_ids``) with the teacher
-        (its ``scorer`` when it has one: the distribution ``score`` returns, temperature included) and
-        the frozen warm start; keeps the batch for the tail-ratio log and resolves λ unless a
-        ``lambda_star`` was given."""
-        model = getattr(self.teacher, "scorer", getattr(self.teacher, "model", None))  # HFTeacher: at its τ
+        """Calibrate λ* on encoded records (``prompt_ids``, ``answer``, ``answer_ids``) with the teacher's
+        ``scoring_model()`` (the distribution ``score`` returns, temperature included) and the frozen
+        warm start; keeps the batch for the tail-ratio log and resolves λ unless a ``lambda_star``
+        was given."""
+        model = self.teacher.scoring_model()
         if model is None:
             raise ValueError(
                 f"ListOPDModule calibration needs a teacher with a local model (HFTeacher), got "
@@ -250,14 +212,17 @@ class ListOPDModule(OPDModule):
             )
         self._log_calibration()
 
+    def connect_prompts(self, encoder: PromptTokenizer, train_rows: list[dict], val_rows: list[dict]) -> None:
+        """The datamodule's prompt encoder and rows: what calibration encodes and falls back on."""
+        self._prompts = (encoder, train_rows, val_rows)
+
     def _calibration_records(self) -> list[dict]:
-        dm = getattr(self.trainer, "datamodule", None)
+        encoder, train_rows, val_rows = self._prompts or (None, [], [])
         if self.calibration_source is not None:
-            rows = self.calibration_source.load()[: self.calibration_rows]
-            settings = dm.prompt_settings if dm is not None else {}
-            return encode_rows(dm.tokenizer if dm is not None else self.tokenizer, rows, **settings)
-        records = [r for r in (getattr(dm, "val_rows", None) or getattr(dm, "train_rows", None) or [])
-                   if r.get("answer") is not None]
+            rows = [dict(r) for r in self.calibration_source.load()[: self.calibration_rows]]
+            encoder = encoder or PromptTokenizer(self.tokenizer, 512, "error", None, None)
+            return encoder.rows(rows, "calibration")
+        records = [r for r in (val_rows or train_rows) if r.get("answer") is not None]
         if not records:
             raise ValueError(
                 "ListOPDModule cannot calibrate: no calibration_source and the datamodule has no rows with "
@@ -275,20 +240,6 @@ class ListOPDModule(OPDModule):
             metrics["listopd/binding_position"] = r.binding_position
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
-
-    # ----- the objective ----------------------------------------------------------------------
-    def _sampled_loss(self, batch: RolloutBatch, logp_BT, teacher_logp_BT) -> tuple[torch.Tensor, dict]:  # noqa: ANN001
-        """OPDModule.loss computes the token log-probs and diagnostics; ListOPD swaps the objective."""
-        if self.lambda_ is None:
-            raise RuntimeError("ListOPDModule: λ is not set yet (lambda_='auto' resolves when fit starts); "
-                               "call calibrate(records) or set_lambda_star(value) first")
-        if batch.sampler_logp_BT is None:
-            raise ValueError("ListOPDModule trains on its own samples; this batch has no sampler log-probs")
-        return base_relative_ppo_loss(
-            logp_BT, self.reference_logp(batch), teacher_logp_BT, batch.sampler_logp_BT,
-            batch.completion_mask_BT, self.lambda_, self.c, self.kl_coef, self.clip["dual_clip"], self.tis_cap,
-            self.reweight_to_base, self.reduction,
-        )
 
     # ----- contract metrics -------------------------------------------------------------------
     def rollout_metrics(self, batch: RolloutBatch) -> dict[str, torch.Tensor | float]:
@@ -318,7 +269,8 @@ class ListOPDModule(OPDModule):
         ids_BT = batch.completion_ids_BT.masked_fill(~batch.completion_mask_BT, self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(ids_BT.tolist(), skip_special_tokens=True)  # as the datamodule
         valid, ndcg = [], []
-        for text, row, answer in zip(texts, self.source_rows(batch), batch.answers):
+        rows = batch.rows or [None] * len(texts)
+        for text, row, answer in zip(texts, rows, batch.answers):
             ok, score = ranking_score(text, row, answer)
             if ok is not None:
                 valid.append(float(ok))
@@ -326,36 +278,13 @@ class ListOPDModule(OPDModule):
                 ndcg.append(score)
         return valid, ndcg
 
-    def source_rows(self, batch: RolloutBatch) -> list[Mapping | None]:
-        """The source row of each batch row (for ``candidates`` / ``relevance``), found by its
-        encoded prompt among the datamodule's sources; None without a datamodule or a match."""
-        if self._row_lookup is None:
-            self._row_lookup = self._build_row_lookup()
-        pairs = zip(batch.prompt_ids_BP, batch.prompt_mask_BP)
-        keys = [tuple(ids[mask.bool()].tolist()) for ids, mask in pairs]
-        return [self._row_lookup.get(key) for key in keys]
 
-    def _build_row_lookup(self) -> dict[tuple, Mapping]:
-        try:
-            dm = self.trainer.datamodule
-        except RuntimeError:  # not attached to a Trainer (e.g. a hand-built batch)
-            dm = None
-        if dm is None or not hasattr(dm, "prompt_settings"):
-            return {}
-        encode = PromptTokenizer(dm.tokenizer, **dm.prompt_settings)
-        lookup = {}
-        for source in (dm.source, dm.val_source):
-            for row in source.load() if source is not None else []:
-                if "candidates" in row and "relevance" in row:
-                    lookup[tuple(encode.prompt_ids(row, "ranking row"))] = row
-        return lookup
-
-
-def _check_settings(lambda_: float | str, clip: float, delta: float, rows: int, anchor: str) -> None:
+def _check_settings(objective: BaseRelativeClip, lambda_: float | str, delta: float, rows: int, anchor: str) -> None:
+    if not isinstance(objective, BaseRelativeClip):
+        raise ValueError(f"ListOPDModule.objective must be a BaseRelativeClip (ListOPD's loss), got "
+                         f"{objective.component_class().__name__}; use OPDModule for other objectives")
     if lambda_ != "auto" and (isinstance(lambda_, str) or not float(lambda_) > 0):
         raise ValueError(f"ListOPDModule.lambda_={lambda_!r}: use a number > 0 or 'auto'")
-    if not 0.0 < clip < 1.0:
-        raise ValueError(f"ListOPDModule.clip={clip} must be in (0, 1)")
     if delta < 0:
         raise ValueError(f"ListOPDModule.delta={delta} must be >= 0")
     if rows < 0:

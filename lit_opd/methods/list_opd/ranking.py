@@ -1,4 +1,4 @@
-"""Listwise JSON ranking: a near-deterministic structured output for ListOPD (METHODS.md §3.2).
+"""Listwise JSON ranking: a near-deterministic structured output for ListOPD (README.md here).
 
 A row asks for the K candidates ordered by relevance to a query, answered under a strict JSON
 contract. A tiny character-level model can learn it: ids are the first K lowercase letters, each
@@ -102,7 +102,7 @@ def structural_positions(answer_text: str, include_eos: bool = False) -> list[in
 
     With ``char_tokenizer`` character i is answer token i, and the datamodule appends EOS at index
     ``len(answer_text)``; ``include_eos=True`` adds that index (stopping there is also contractual:
-    any trailing text breaks parsing). Used to calibrate p and b per position (METHODS.md §3.2).
+    any trailing text breaks parsing). Used to calibrate p and b per position (README.md, "Calibration").
     """
     positions: list[int] = []
     in_string = escaped = False

@@ -32,7 +32,10 @@ class SFTModule(PolicyModule):
         self.log_rollout(batch, {"loss": loss.detach()})
         return loss
 
+    def score_loss(self, batch: RolloutBatch) -> torch.Tensor:
+        return self.loss(batch)
+
     def loss(self, batch: RolloutBatch) -> torch.Tensor:
         logits_BTV = completion_logits(self.student, batch)
         logp_BT = D.token_logprobs(logits_BTV, batch.completion_ids_BT)
-        return -D.reduce_masked(logp_BT, batch.completion_mask_BT)
+        return -D.reduce_masked(logp_BT, batch.loss_mask_BT)

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_opd import HFTeacher, OPDModule, RolloutBatch, RolloutDataModule, SamplingParams, TaskPrompts
+from lit_opd import Divergence, HFTeacher, OPDModule, RolloutBatch, RolloutDataModule, SamplingParams, TaskPrompts
 from lit_opd.tasks import AdditionTask
 
 
@@ -76,7 +76,7 @@ def fit_two_ranks(student: str, teacher: str, strategy, max_steps: int, callback
     """A tiny JSD OPD fit on 2 CPU ranks (shared with the other distributed test scripts)."""
     L.seed_everything(0)
     module = OPDModule(
-        student, HFTeacher(teacher), loss="divergence", divergence="jsd",
+        student, HFTeacher(teacher), objective=Divergence(kind="jsd"),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
     )
     data = RolloutDataModule(

@@ -1,4 +1,4 @@
-"""EffOPDCallback: the line search by hand (METHODS.md §1.5), rollback, the name filter, the
+"""EffOPDCallback (lit_opd/methods/eff_opd/README.md): line search by hand, rollback, name filter, the
 schedule and the callback state, on 1-D tensors and a toy LightningModule."""
 
 from __future__ import annotations

@@ -12,11 +12,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from lit_opd import HFTeacher, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts
+from lit_opd import HFTeacher, OPDModule, SampledReward, RolloutDataModule, SamplingParams, TaskPrompts
 from lit_opd.methods.eff_opd.callback import EffOPDCallback, select_parameters
 from lit_opd.methods.eff_opd.dynamics import UpdateDynamicsCallback
 from lit_opd.tasks import AdditionTask
 from tests.integration.scripts.procs import REPO, clean_env, free_port, read_metrics, run, step_values
+from tests.helpers import make_trainer
 
 pytestmark = pytest.mark.integration
 
@@ -45,13 +46,7 @@ def _data(val_size: int = 16) -> RolloutDataModule:
 
 
 def _trainer(root: Path, max_steps: int, callbacks: list, **kwargs) -> L.Trainer:  # noqa: ANN003
-    settings = dict(logger=False, enable_checkpointing=False)
-    settings.update(kwargs)
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root,
-        callbacks=callbacks, **settings,
-    )
+    return make_trainer(root, max_steps, callbacks, **kwargs)
 
 
 def test_accuracy_scored_search_on_a_tiny_fit(tmp_path, student_dir, teacher_dir):
@@ -129,7 +124,7 @@ def test_optimizer_state_and_reference_are_left_alone(tmp_path, student_dir, tea
     effopd = EffOPDCallback(score_fn=lambda trainer, module: float(next(calls)))
     modules, optimizers = {}, {}
     for name, callbacks in (("plain", []), ("effopd", [effopd])):
-        module = _module(student_dir, teacher_dir, lr=1e-2, loss="sampled", lambda_=1.25)
+        module = _module(student_dir, teacher_dir, lr=1e-2, objective=SampledReward(lambda_=1.25))
         initial = {k: v.detach().clone() for k, v in module.student.named_parameters()}
         trainer = _trainer(tmp_path / name, 1, callbacks)
         trainer.fit(module, _data(val_size=0))

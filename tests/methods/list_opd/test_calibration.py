@@ -1,7 +1,7 @@
-"""ListOPD calibration (METHODS.md §3.2): the contract-valid sets C_t, the position map, p_t / b_t /
+"""ListOPD calibration (lit_opd/methods/list_opd/README.md): the sets C_t, the position map, p_t / b_t /
 λ*_t on tiny and on constructed models, and ``python -m lit_opd calibrate``.
 
-The oracle-model test recovers the METHODS.md §3.1 hand value λ*(0.99, 0.988, 0.2) = 1.223636;
+The oracle-model test recovers the README's hand value λ*(0.99, 0.988, 0.2) = 1.223636;
 changing it changes the recommended λ — note it in CHANGELOG.
 """
 

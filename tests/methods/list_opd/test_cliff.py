@@ -1,6 +1,6 @@
-"""The extrapolation-cliff threshold λ*(p,b,c) and its fixed point (METHODS.md §3.1, §3.5).
+"""The extrapolation-cliff threshold λ*(p,b,c) and its fixed point (lit_opd/methods/list_opd/README.md).
 
-The hand values are computed from our own derivation (METHODS.md §3 is [inferred]); changing them
+The hand values are computed from our own derivation ("The cliff λ*"), not the paper's; changing them
 changes the recommended λ — note it in CHANGELOG.
 """
 
@@ -88,7 +88,7 @@ def test_lambda_star_above_one_iff_teacher_tail_inside_the_band():
                     continue
                 above = lambda_star(p, b, c) > 1
                 assert above == (rho > 1 - c and p / b < 1 + c), (p, b, c)
-                if b >= 0.5:  # the tail root binds first: METHODS.md's statement exactly
+                if b >= 0.5:  # the tail root binds first: the README's λ* > 1 ⇔ ρ > 1 − c exactly
                     assert above == (rho > 1 - c), (p, b, c)
                     checked += 1
     assert checked > 500

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import math
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -14,34 +13,30 @@ from lightning.pytorch.loggers import CSVLogger
 from lit_opd import HFTeacher, RolloutBatch
 from lit_opd.objectives import sampled as O
 from lit_opd.methods.list_opd.calibration import binding_tail_ratios, encode_rows
-from lit_opd.methods.list_opd.module import ListOPDModule, base_relative_ppo_loss
+from lit_opd.methods.list_opd import BaseRelativeClip, ListOPDModule, base_relative_ppo_loss
+from lit_opd.objectives import Divergence
 from lit_opd.rollout import ListPrompts, RolloutDataModule
 from lit_opd.rollout.datamodule import dataset_completions
 from lit_opd.tasks import RankingTask
 from lit_opd.types import SamplingParams
-from tests.helpers import make_tiny_model
+from tests.helpers import make_module, make_rollout_batch, make_tiny_model, make_trainer
 
 ROWS = RankingTask(k=4).make_rows(12, seed=0)
 
 
-def _module(tok, **kwargs) -> ListOPDModule:
-    teacher = HFTeacher(make_tiny_model(len(tok), seed=1), tokenizer=tok)
-    return ListOPDModule(make_tiny_model(len(tok), seed=0), teacher, tokenizer=tok, **kwargs)
+def _module(tok, clip: float = 0.2, **kwargs) -> ListOPDModule:  # noqa: ANN003
+    objective = BaseRelativeClip(clip=clip, **{k: kwargs.pop(k) for k in ("kl_coef", "tis_cap") if k in kwargs})
+    return make_module(tok, cls=ListOPDModule, hidden=32, objective=objective, **kwargs)
 
 
-def _batch(tok, completions: list[str], rows=ROWS) -> RolloutBatch:
-    p = tok([r["prompt"] for r in rows[: len(completions)]], padding=True, return_tensors="pt")
-    c = [tok(x, add_special_tokens=False).input_ids + [tok.eos_token_id] for x in completions]
-    ids = torch.zeros(len(c), max(map(len, c)), dtype=torch.long)
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    for i, row in enumerate(c):
-        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), True
-    return RolloutBatch(p.input_ids, p.attention_mask, ids, mask, torch.zeros(ids.shape),
-                        [r["answer"] for r in rows[: len(c)]], torch.arange(len(c)))
+def _batch(tok, completions: list[str], rows=ROWS, with_rows: bool = False) -> RolloutBatch:
+    rows = rows[: len(completions)]
+    return make_rollout_batch(tok, [r["prompt"] for r in rows], completions, answers=[r["answer"] for r in rows],
+                              rows=rows if with_rows else None, sampler_logp=0.0)
 
 
 def _reference_loss(q, b, p, q_samp, mask, lam, c, kappa, cap):  # noqa: ANN001, ANN202
-    """METHODS.md §0.4 + §3.1 step 2, token by token in probability space (float64)."""
+    """lit_opd/methods/list_opd/README.md, "The objective", token by token in probability space (float64)."""
     total, clipped, n = 0.0, 0, 0
     for t in zip(*(x.flatten().tolist() for x in (q, b, p, q_samp, mask))):
         qt, bt, pt, st, m = t
@@ -133,22 +128,24 @@ def test_auto_is_lambda_star_minus_delta(char_tok):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"lambda_": "high"}, "lambda_='high'"), ({"clip": 1.0}, "clip=1.0"),
-     ({"anchor": "gold"}, "anchor='gold'")],
+    [({"lambda_": "high"}, "lambda_='high'"), ({"clip": 1.0}, "BaseRelativeClip.clip=1.0"),
+     ({"anchor": "gold"}, "anchor='gold'"), ({"objective": Divergence()}, "must be a BaseRelativeClip")],
 )
 def test_bad_settings_name_the_setting(char_tok, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        _module(char_tok, **kwargs)
+        if "objective" in kwargs:
+            make_module(char_tok, cls=ListOPDModule, **kwargs)
+        else:
+            _module(char_tok, **kwargs)
 
 
 def test_ranking_scores_use_the_rows_metadata(char_tok):
     module = _module(char_tok, lambda_star=2.0)
     completions = [ROWS[0]["answer"], '{"ranking":["a","b","c"]}', ROWS[2]["answer"].replace("{", "{ ")]
     batch = _batch(char_tok, completions)
-    valid, ndcg = module.ranking_scores(batch)  # not attached to a datamodule: validity from the answers
+    valid, ndcg = module.ranking_scores(batch)  # rows without metadata: validity from the answers
     assert valid == [1.0, 0.0, 1.0] and ndcg == []
-    module._row_lookup = {tuple(batch.prompt_ids_BP[i][batch.prompt_mask_BP[i].bool()].tolist()): ROWS[i]
-                          for i in range(3)}
+    batch = _batch(char_tok, completions, with_rows=True)  # the rows travel in the batch
     expected = [RankingTask(k=4).score(completions[i], ROWS[i])["ndcg@1"] for i in (0, 2)]
     assert module.ranking_scores(batch) == ([1.0, 0.0, 1.0], expected)
 
@@ -167,11 +164,8 @@ def test_three_step_fit_logs_contract_metrics(char_tok, tmp_path):
     module = _module(char_tok, calibration_rows=4, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     dm = ReferenceValidation(ListPrompts(ROWS[:8]), val_source=ListPrompts(ROWS[8:]), batch_size=4,
                              sampling=SamplingParams(max_new_tokens=8))
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=3, val_check_interval=3, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, logger=CSVLogger(tmp_path, name="l"),
-    )
+    trainer = make_trainer(tmp_path, 3, val_check_interval=3, check_val_every_n_epoch=None, limit_val_batches=None,
+                           log_every_n_steps=1, logger=CSVLogger(tmp_path, name="l"))
     with pytest.warns(UserWarning, match=r"λ\* = 0\.\d+ < 1"):  # tiny random models: a λ* < 1 pair
         trainer.fit(module, dm)
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))

@@ -1,0 +1,59 @@
+"""The one place that chooses between the logits path and the memory-lean hidden-state path.
+
+The lean path applies when the objective has ``lean_options`` (a ``chunk_size``, full vocabulary),
+the student's logits are a plain linear map of its last hidden state, and the teacher can return
+hidden states (:meth:`lit_opd.teachers.Teacher.score_hidden`). Otherwise both models give logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lit_opd.models import completion_logits
+from lit_opd.objectives import divergences as D
+from lit_opd.objectives.components import Objective, TokenTerms
+from lit_opd.objectives.lean import completion_hidden, hidden_divergence, plain_head
+from lit_opd.teachers.base import Teacher
+from lit_opd.types import RolloutBatch, TeacherOutput
+
+
+@torch.no_grad()
+def score_teacher(teacher: Teacher, student: nn.Module, batch: RolloutBatch, objective: Objective) -> TeacherOutput:
+    """The teacher's judgement of ``batch``: hidden states where the lean path applies, else ``score``."""
+    if objective.lean_options() is not None and plain_head(student):
+        lean = teacher.score_hidden(batch)
+        if lean is not None:
+            return lean
+    return teacher.score(batch)
+
+
+def token_terms(student: nn.Module, batch: RolloutBatch, teacher_out: TeacherOutput, objective: Objective) -> TokenTerms:
+    """The student's forward on ``batch`` and the per-token terms every objective reads."""
+    if teacher_out.hidden_BTH is not None:  # memory-lean: no [B, T, V] tensor for either model
+        lean = hidden_divergence(
+            completion_hidden(student, batch), student.get_output_embeddings().weight,
+            teacher_out.hidden_BTH, teacher_out.head_weight_VH, batch.completion_ids_BT, batch.loss_mask_BT,
+            **objective.lean_options(),
+        )
+        fused = lean.loss if objective.lean_options()["kind"] is not None else None
+        return TokenTerms(lean.student_logp_BT, lean.teacher_logp_BT, lean.entropy_BT, fused_loss=fused)
+    logits_BTV = completion_logits(student, batch)
+    return TokenTerms(
+        student_logp_BT=D.token_logprobs(logits_BTV, batch.completion_ids_BT),
+        teacher_logp_BT=teacher_token_logp(batch, teacher_out),
+        entropy_BT=D.entropy(logits_BTV.detach()),
+        student_logits_BTV=logits_BTV,
+    )
+
+
+def teacher_token_logp(batch: RolloutBatch, out: TeacherOutput) -> torch.Tensor:
+    """The teacher's log-prob of each completion token: given, or read off its full logits."""
+    if out.token_logp_BT is not None:
+        return out.token_logp_BT
+    if out.topk_logp_BTK is not None and out.logits_BTV is None:
+        raise ValueError(
+            "this objective needs the teacher's log-prob of every sampled token, but the teacher returned "
+            "only its top-k; use a teacher that also returns token_logp_BT (or full logits)"
+        )
+    return D.token_logprobs(out.logits_BTV, batch.completion_ids_BT)
