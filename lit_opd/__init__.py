@@ -6,7 +6,9 @@ teacher scoring → divergence / sampled-token objective → optimizer step.
 
 from lit_opd.callbacks import AccuracyReport, EffOPDCallback, UpdateDynamicsCallback
 from lit_opd.methods import ListOPDModule, OPDModule, PolicyModule, SFTModule
-from lit_opd.methods.list_opd import BaseRelativeClip, CalibrationReport, calibrate, lambda_star, lambda_star_kary, q_star
+from lit_opd.methods.list_opd import (
+    BaseRelativeClip, CalibrationReport, calibrate, lambda_star, lambda_star_kary, q_star,
+)
 from lit_opd.models import ModelSpec
 from lit_opd.objectives import Divergence, Objective, SampledReward
 from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule, TaskPrompts

@@ -55,15 +55,18 @@ def cli_main(args: ArgsType = None, run: bool = True) -> OPDCLI | None:
 
 # Keys that were method arguments before objectives became components (OPDModule's ``lambda_``
 # too; ListOPD keeps its own ``lambda_``).
-_MOVED = ("loss", "divergence", "beta", "alpha", "temperature", "top_k", "chunk_size", "reduction", "estimator",
-          "kl_coef", "clip_eps_low", "clip_eps_high", "dual_clip", "tis_cap", "clip", "reweight_to_base")
+_MOVED = (
+    "loss", "divergence", "beta", "alpha", "temperature", "top_k", "chunk_size", "reduction", "estimator",
+    "kl_coef", "clip_eps_low", "clip_eps_high", "dual_clip", "tis_cap", "clip", "reweight_to_base",
+)
 
 
 def moved_objective_keys(argv: list[str]) -> list[str]:
     """The pre-component loss keys an old config or override still sets on the method, if any."""
     import yaml
 
-    overrides = [a.split("=")[0].removeprefix("--model.init_args.") for a in argv if a.startswith("--model.init_args.")]
+    prefix = "--model.init_args."
+    overrides = [a.split("=")[0].removeprefix(prefix) for a in argv if a.startswith(prefix)]
     found = [k for k in overrides if k in _MOVED]
     for flag, value in zip(argv, argv[1:]):
         if flag == "--config" and os.path.isfile(value):

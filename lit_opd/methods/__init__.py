@@ -7,4 +7,6 @@ from lit_opd.methods.list_opd import ListOPDModule
 from lit_opd.methods.opd import OPDModule
 from lit_opd.methods.sft import SFTModule
 
-__all__ = ["PolicyModule", "OPDModule", "SFTModule", "ListOPDModule", "EffOPDCallback", "UpdateDynamicsCallback"]
+__all__ = [
+    "PolicyModule", "OPDModule", "SFTModule", "ListOPDModule", "EffOPDCallback", "UpdateDynamicsCallback",
+]

@@ -78,7 +78,9 @@ class Objective(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def __call__(self, batch: RolloutBatch, terms: TokenTerms, teacher_out: TeacherOutput) -> tuple[Tensor, dict]:
+    def __call__(
+        self, batch: RolloutBatch, terms: TokenTerms, teacher_out: TeacherOutput
+    ) -> tuple[Tensor, dict]:
         """(loss, detached diagnostics) on ``batch.loss_mask_BT``."""
 
     def settings(self) -> dict:
@@ -89,8 +91,10 @@ class Objective(abc.ABC):
 
     def component_class(self) -> type:
         """This objective's class (a YAML default is a jsonargparse lazy subclass of it)."""
-        lazy = ("jsonargparse", "LazyInstance_")
-        return next(c for c in type(self).__mro__ if not (c.__module__.startswith(lazy[0]) or c.__name__.startswith(lazy[1])))
+        def is_lazy(cls: type) -> bool:
+            return cls.__module__.startswith("jsonargparse") or cls.__name__.startswith("LazyInstance_")
+
+        return next(c for c in type(self).__mro__ if not is_lazy(c))
 
 
 class Divergence(Objective):
@@ -141,14 +145,17 @@ class Divergence(Objective):
         return dict(kind=self.kind, beta=self.beta, alpha=self.alpha, temperature=self.temperature,
                     reduction=self.reduction, chunk_size=self.chunk_size)
 
-    def __call__(self, batch: RolloutBatch, terms: TokenTerms, teacher_out: TeacherOutput) -> tuple[Tensor, dict]:
+    def __call__(
+        self, batch: RolloutBatch, terms: TokenTerms, teacher_out: TeacherOutput
+    ) -> tuple[Tensor, dict]:
         if terms.fused_loss is not None:  # computed with the student's hidden states already
             return terms.fused_loss, {}
         options = dict(kind=self.kind, beta=self.beta, alpha=self.alpha, mask=batch.loss_mask_BT,
                        temperature=self.temperature, reduction=self.reduction)
         logits_BTV = terms.student_logits_BTV
         if self.top_k is None:
-            return D.logits_divergence(logits_BTV, teacher_out.logits_BTV, chunk_size=self.chunk_size, **options), {}
+            chunked = dict(chunk_size=self.chunk_size, **options)
+            return D.logits_divergence(logits_BTV, teacher_out.logits_BTV, **chunked), {}
         topk_logp_BTK, topk_ids_BTK = teacher_out.topk_logp_BTK, teacher_out.topk_ids_BTK
         if topk_logp_BTK is None:  # a full-logit teacher: take its top-k here
             teacher_logp_BTV = (teacher_out.logits_BTV.float() / self.temperature).log_softmax(-1)
@@ -201,17 +208,22 @@ class SampledReward(Objective):
     def lean_options(self) -> dict | None:
         return None if self.chunk_size is None else dict(kind=None, chunk_size=self.chunk_size)
 
-    def __call__(self, batch: RolloutBatch, terms: TokenTerms, teacher_out: TeacherOutput) -> tuple[Tensor, dict]:
+    def __call__(
+        self, batch: RolloutBatch, terms: TokenTerms, teacher_out: TeacherOutput
+    ) -> tuple[Tensor, dict]:
         mask_BT, sampler_logp_BT, logp_BT = batch.loss_mask_BT, batch.sampler_logp_BT, terms.student_logp_BT
         old_logp_BT = logp_BT.detach()
         if self.lambda_ == 1.0:
             adv_BT = O.reverse_kl_advantage(sampler_logp_BT, terms.teacher_logp_BT, self.kl_coef)
         else:
-            adv_BT = self.kl_coef * O.gopd_advantage(old_logp_BT, terms.teacher_logp_BT, terms.reference_logp_BT,
-                                                     self.lambda_)
+            adv_BT = self.kl_coef * O.gopd_advantage(
+                old_logp_BT, terms.teacher_logp_BT, terms.reference_logp_BT, self.lambda_
+            )
         metrics = {"advantage": D.reduce_masked(adv_BT, mask_BT)}
         if self.estimator == "importance_sampling":
-            loss = O.importance_sampling_loss(logp_BT, sampler_logp_BT, adv_BT, mask_BT, reduction=self.reduction)
+            loss = O.importance_sampling_loss(
+                logp_BT, sampler_logp_BT, adv_BT, mask_BT, reduction=self.reduction
+            )
             return loss, metrics
         is_weights_BT = O.truncated_is_weights(old_logp_BT, sampler_logp_BT, self.tis_cap)
         loss, ppo_metrics = O.ppo_clip_loss(

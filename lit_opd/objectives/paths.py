@@ -19,7 +19,9 @@ from lit_opd.types import RolloutBatch, TeacherOutput
 
 
 @torch.no_grad()
-def score_teacher(teacher: Teacher, student: nn.Module, batch: RolloutBatch, objective: Objective) -> TeacherOutput:
+def score_teacher(
+    teacher: Teacher, student: nn.Module, batch: RolloutBatch, objective: Objective
+) -> TeacherOutput:
     """The teacher's judgement of ``batch``: hidden states where the lean path applies, else ``score``."""
     if objective.lean_options() is not None and plain_head(student):
         lean = teacher.score_hidden(batch)
@@ -28,7 +30,9 @@ def score_teacher(teacher: Teacher, student: nn.Module, batch: RolloutBatch, obj
     return teacher.score(batch)
 
 
-def token_terms(student: nn.Module, batch: RolloutBatch, teacher_out: TeacherOutput, objective: Objective) -> TokenTerms:
+def token_terms(
+    student: nn.Module, batch: RolloutBatch, teacher_out: TeacherOutput, objective: Objective
+) -> TokenTerms:
     """The student's forward on ``batch`` and the per-token terms every objective reads."""
     if teacher_out.hidden_BTH is not None:  # memory-lean: no [B, T, V] tensor for either model
         lean = hidden_divergence(

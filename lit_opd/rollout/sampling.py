@@ -121,7 +121,8 @@ def sample(
     positions_BP = (mask_BL.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids_BP, attention_mask=mask_BL, position_ids=positions_BP, use_cache=True)
     logits_BV = out.logits[:, -1, :]
-    stepper = lean_decoder(model, returned_cache(out), mask_BL, ids_BP.shape[1] + params.max_new_tokens, params)
+    total_len = ids_BP.shape[1] + params.max_new_tokens
+    stepper = lean_decoder(model, returned_cache(out), mask_BL, total_len, params)
     if stepper is None:
         stepper = _ModelStep(model, returned_cache(out), mask_BL)
     del out  # the lean decoder copied the prefill cache into its own buffers; _ModelStep holds it

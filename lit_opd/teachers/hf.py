@@ -88,10 +88,11 @@ class HFTeacher(Teacher):
         from lit_opd.rollout.prompts import collate_prompts
         from lit_opd.rollout.sampling import sample
 
-        records = [{"prompt_ids": self.tokenizer(p)["input_ids"], "answer": None, "answer_ids": [], "row_index": i}
-                   for i, p in enumerate(prompts)]
+        records = [{"prompt_ids": self.tokenizer(p)["input_ids"], "answer": None, "answer_ids": [],
+                    "row_index": i, "row": {"prompt": p}} for i, p in enumerate(prompts)]
         batch = collate_prompts(records, self.tokenizer.pad_token_id).to(self.model.device)
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                num_samples=num_samples)
         eos = self.tokenizer.eos_token_id
         out = sample(self.model, batch.prompt_ids_BP, batch.prompt_mask_BP, params,
                      eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else [eos],

@@ -300,8 +300,8 @@ class EffOPDCallback(L.Callback):
     def _check_can_evaluate(trainer: L.Trainer) -> None:
         datamodule = trainer.datamodule
         if not isinstance(datamodule, RolloutDataModule):
-            raise ValueError("EffOPDCallback(score='accuracy') needs the RolloutDataModule (its evaluate(module)); "
-                             "pass score='loss' or score_fn otherwise")
+            raise ValueError("EffOPDCallback(score='accuracy') needs the RolloutDataModule (its "
+                             "evaluate(module)); pass score='loss' or score_fn otherwise")
         loader = datamodule.val_dataloader()
         if isinstance(loader, list) and not loader:
             raise ValueError("EffOPDCallback(score='accuracy') needs validation prompts: set the "

@@ -97,7 +97,8 @@ class ListOPDModule(OPDModule):
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         objective: BaseRelativeClip = lazy_instance(BaseRelativeClip),
         lambda_: float | Literal["auto"] = "auto", lambda_star: float | None = None, delta: float = 0.02,
-        allow_above_cliff: bool = False, anchor: Literal["base", "teacher"] = "base", two_sided_cliff: bool = False,
+        allow_above_cliff: bool = False, anchor: Literal["base", "teacher"] = "base",
+        two_sided_cliff: bool = False,
         calibration_source: PromptSource | None = None, calibration_rows: int = 32,
         reference: ModelSpec | str | None = None, allow_teacher_change: bool = False,
         optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
@@ -279,7 +280,9 @@ class ListOPDModule(OPDModule):
         return valid, ndcg
 
 
-def _check_settings(objective: BaseRelativeClip, lambda_: float | str, delta: float, rows: int, anchor: str) -> None:
+def _check_settings(
+    objective: BaseRelativeClip, lambda_: float | str, delta: float, rows: int, anchor: str
+) -> None:
     if not isinstance(objective, BaseRelativeClip):
         raise ValueError(f"ListOPDModule.objective must be a BaseRelativeClip (ListOPD's loss), got "
                          f"{objective.component_class().__name__}; use OPDModule for other objectives")

@@ -84,7 +84,9 @@ class BaseRelativeClip(Objective):
     def uses_reference(self) -> bool:
         return True
 
-    def __call__(self, batch: RolloutBatch, terms: TokenTerms, teacher_out: TeacherOutput) -> tuple[Tensor, dict]:
+    def __call__(
+        self, batch: RolloutBatch, terms: TokenTerms, teacher_out: TeacherOutput
+    ) -> tuple[Tensor, dict]:
         if self.lambda_ is None:
             raise RuntimeError("ListOPD: λ is not set yet (lambda_='auto' resolves when fit starts); "
                                "call calibrate(records) or set_lambda_star(value) first")

@@ -71,7 +71,8 @@ class OPDModule(PolicyModule):
     ) -> None:
         super().__init__(student, tokenizer, optimizer, scheduler)
         name = type(self).__name__
-        check_capability(teacher, objective.needs(), name, f"objective={objective.component_class().__name__}")
+        objective_name = objective.component_class().__name__
+        check_capability(teacher, objective.needs(), name, f"objective={objective_name}")
         if teacher.tokenizer is not None:
             check_tokenizers_compatible(self.tokenizer, teacher.tokenizer)
         self._check_mix(objective, teacher, lmbda, seq_kd)
@@ -94,7 +95,8 @@ class OPDModule(PolicyModule):
         if objective.needs_sampler_logp() and lmbda < 1.0 and not seq_kd:
             raise ValueError(
                 f"{name}.lmbda < 1 mixes in dataset completions, which have no sampler log-probs; the "
-                f"objective {objective.component_class().__name__} needs them. Use objective Divergence or lmbda=1."
+                f"objective {objective.component_class().__name__} needs them. Use objective Divergence or "
+                "lmbda=1."
             )
 
     # ----- where completions come from ------------------------------------------------------
