@@ -69,13 +69,17 @@ def moved_objective_keys(argv: list[str]) -> list[str]:
     overrides = [a.split("=")[0].removeprefix(prefix) for a in argv if a.startswith(prefix)]
     found = [k for k in overrides if k in _MOVED]
     for flag, value in zip(argv, argv[1:]):
-        if flag == "--config" and os.path.isfile(value):
-            model = (yaml.safe_load(open(value)) or {}).get("model")
-            init = (model.get("init_args") or {}) if isinstance(model, dict) else {}
-            found += [k for k in init if k in _MOVED]
-            if str(model.get("class_path", "")).endswith(".OPDModule") and "lambda_" in init:
-                found.append("lambda_")
-    return [k for k in dict.fromkeys(found) if k in _MOVED or k == "lambda_"]
+        if flag != "--config" or not os.path.isfile(value):
+            continue
+        with open(value) as fh:
+            model = (yaml.safe_load(fh) or {}).get("model")
+        if not isinstance(model, dict):  # e.g. a trainer-only config layered with others
+            continue
+        init = model.get("init_args") or {}
+        found += [k for k in init if k in _MOVED]
+        if str(model.get("class_path", "")).endswith(".OPDModule") and "lambda_" in init:
+            found.append("lambda_")
+    return list(dict.fromkeys(found))
 
 
 def export_main(argv: list[str]) -> None:

@@ -35,12 +35,13 @@ def token_terms(
 ) -> TokenTerms:
     """The student's forward on ``batch`` and the per-token terms every objective reads."""
     if teacher_out.hidden_BTH is not None:  # memory-lean: no [B, T, V] tensor for either model
+        options = objective.lean_options()
         lean = hidden_divergence(
             completion_hidden(student, batch), student.get_output_embeddings().weight,
             teacher_out.hidden_BTH, teacher_out.head_weight_VH, batch.completion_ids_BT, batch.loss_mask_BT,
-            **objective.lean_options(),
+            **options,
         )
-        fused = lean.loss if objective.lean_options()["kind"] is not None else None
+        fused = lean.loss if options["kind"] is not None else None
         return TokenTerms(lean.student_logp_BT, lean.teacher_logp_BT, lean.entropy_BT, fused_loss=fused)
     logits_BTV = completion_logits(student, batch)
     return TokenTerms(

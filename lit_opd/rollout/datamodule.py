@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts
+from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts, decode_completions, eos_ids
 from lit_opd.rollout.sampler import ResumablePromptSampler
 from lit_opd.rollout.sampling import sample
 from lit_opd.rollout.sources import PromptSource
@@ -277,8 +277,7 @@ class RolloutDataModule(L.LightningDataModule):
         return correct, len(rows)
 
     def decode(self, rollout: RolloutBatch) -> list[str]:
-        ids = rollout.completion_ids_BT.masked_fill(~rollout.completion_mask_BT, self.tokenizer.pad_token_id)
-        return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+        return decode_completions(self.tokenizer, rollout.completion_ids_BT, rollout.completion_mask_BT)
 
     # ----- exact resume ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -327,11 +326,6 @@ def rollout_seed(seed: int, step: int, rank: int, source: str) -> int:
     (unlike ``hash`` of a string, which Python randomises per process)."""
     code = ("student", "teacher", "greedy").index(source)
     return ((seed * 1_000_003 + step) * 4099 + rank) * 4 + code
-
-
-def eos_ids(tokenizer) -> list[int]:  # noqa: ANN001
-    ids = tokenizer.eos_token_id
-    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 
 def dataset_completions(batch: PromptBatch, pad_id: int) -> RolloutBatch:

@@ -95,6 +95,18 @@ def collate_prompts(records: list[dict], pad_id: int) -> PromptBatch:
         answers=[r["answer"] for r in records],
         answer_ids=[r["answer_ids"] for r in records],
         row_index_B=torch.tensor([r["row_index"] for r in records], dtype=torch.long),
-        # Records built by hand from raw text (HFTeacher.generate_text) have no source row.
+        # A record built by hand (raw text, no prompt source) has no source row.
         rows=[r.get("row", {}) for r in records],
     )
+
+
+def eos_ids(tokenizer) -> list[int]:  # noqa: ANN001
+    """The tokenizer's EOS id(s) as a list (some tokenizers name several)."""
+    ids = tokenizer.eos_token_id
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def decode_completions(tokenizer, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[str]:  # noqa: ANN001
+    """Completion texts: padding and tokens after a row's end blanked, special tokens dropped."""
+    ids_BT = ids_BT.masked_fill(~mask_BT, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids_BT.tolist(), skip_special_tokens=True)

@@ -85,7 +85,7 @@ class HFTeacher(Teacher):
     ) -> list[list[str | None]]:
         """``num_samples`` sampled continuations of each raw-text prompt, decoded to text (the same
         KV-cached sampler as the student's rollouts)."""
-        from lit_opd.rollout.prompts import collate_prompts
+        from lit_opd.rollout.prompts import collate_prompts, decode_completions, eos_ids
         from lit_opd.rollout.sampling import sample
 
         records = [{"prompt_ids": self.tokenizer(p)["input_ids"], "answer": None, "answer_ids": [],
@@ -93,13 +93,10 @@ class HFTeacher(Teacher):
         batch = collate_prompts(records, self.tokenizer.pad_token_id).to(self.model.device)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 num_samples=num_samples)
-        eos = self.tokenizer.eos_token_id
         out = sample(self.model, batch.prompt_ids_BP, batch.prompt_mask_BP, params,
-                     eos_token_ids=list(eos) if isinstance(eos, (list, tuple)) else [eos],
-                     pad_token_id=self.tokenizer.pad_token_id,
+                     eos_token_ids=eos_ids(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
                      generator=torch.Generator(self.model.device).manual_seed(seed))
-        ids_BT = out.tokens_BT.masked_fill(~out.mask_BT, self.tokenizer.pad_token_id)
-        texts = self.tokenizer.batch_decode(ids_BT.tolist(), skip_special_tokens=True)
+        texts = decode_completions(self.tokenizer, out.tokens_BT, out.mask_BT)
         return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
     @torch.no_grad()

@@ -60,6 +60,17 @@ def test_a_pre_component_config_names_the_moved_keys(tmp_path, capsys, monkeypat
         cli_main(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.beta", "1.0"])
 
 
+def test_moved_key_check_reads_layered_configs(tmp_path):
+    """A config without a model section (layered with others) is skipped, not a crash."""
+    from lit_opd.cli import moved_objective_keys
+
+    trainer_only = tmp_path / "trainer.yaml"
+    trainer_only.write_text("trainer: {max_steps: 2}\n")
+    args = ["fit", "--config", str(trainer_only), "--config", str(REPO / "configs/quickstart.yaml")]
+    assert moved_objective_keys(args) == []
+    assert moved_objective_keys([*args, "--model.init_args.beta", "1"]) == ["beta"]
+
+
 def test_tiny_config_exercises_the_gkd_mix():
     cfg = yaml.safe_load(TINY_OPD.read_text())
     assert cfg["model"]["class_path"] == "lit_opd.OPDModule"

@@ -39,12 +39,13 @@ from transformers import PreTrainedTokenizerBase
 from lit_opd.methods.base import default_optimizer
 from lit_opd.methods.list_opd.calibration import (
     CalibrationBatch, CalibrationReport, RankingContract, binding_tail_ratios, build_batches, calibrate_batches,
+    encode_rows,
 )
 from lit_opd.methods.list_opd.objective import BaseRelativeClip
 from lit_opd.methods.list_opd.ranking import RankingTask, parse_ranking
 from lit_opd.methods.opd import OPDModule
 from lit_opd.models import ModelSpec
-from lit_opd.rollout.prompts import PromptTokenizer
+from lit_opd.rollout.prompts import PromptTokenizer, decode_completions
 from lit_opd.rollout.sources import PromptSource
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch
@@ -220,9 +221,8 @@ class ListOPDModule(OPDModule):
     def _calibration_records(self) -> list[dict]:
         encoder, train_rows, val_rows = self._prompts or (None, [], [])
         if self.calibration_source is not None:
-            rows = [dict(r) for r in self.calibration_source.load()[: self.calibration_rows]]
-            encoder = encoder or PromptTokenizer(self.tokenizer, 512, "error", None, None)
-            return encoder.rows(rows, "calibration")
+            rows = self.calibration_source.load()[: self.calibration_rows]
+            return encoder.rows(rows, "calibration") if encoder else encode_rows(self.tokenizer, rows)
         records = [r for r in (val_rows or train_rows) if r.get("answer") is not None]
         if not records:
             raise ValueError(
@@ -267,8 +267,7 @@ class ListOPDModule(OPDModule):
 
     def ranking_scores(self, batch: RolloutBatch) -> tuple[list[float], list[float]]:
         """Per row of ``batch``: parse validity (1/0) and, for parsed rows with metadata, NDCG@1."""
-        ids_BT = batch.completion_ids_BT.masked_fill(~batch.completion_mask_BT, self.tokenizer.pad_token_id)
-        texts = self.tokenizer.batch_decode(ids_BT.tolist(), skip_special_tokens=True)  # as the datamodule
+        texts = decode_completions(self.tokenizer, batch.completion_ids_BT, batch.completion_mask_BT)
         valid, ndcg = [], []
         rows = batch.rows or [None] * len(texts)
         for text, row, answer in zip(texts, rows, batch.answers):
