@@ -186,6 +186,9 @@ class TeacherOutput:
         hidden_BTH / head_weight_VH: the last hidden states that predict each completion token and
             the output layer's weight (a local teacher asked for the memory-lean path; logits are
             then ``hidden_BTH @ head_weight_VHᵀ``, computed chunk by chunk inside the loss).
+        answered_B: bool (B,), False for rows the teacher gave no answer for (a remote call that
+            failed after its retries); their other fields hold finite filler and the method drops
+            them from the loss. None = every row answered.
     """
 
     logits_BTV: Tensor | None = None
@@ -194,3 +197,4 @@ class TeacherOutput:
     token_logp_BT: Tensor | None = None
     hidden_BTH: Tensor | None = None
     head_weight_VH: Tensor | None = None
+    answered_B: Tensor | None = None

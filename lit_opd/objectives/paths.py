@@ -7,6 +7,8 @@ hidden states (:meth:`lit_opd.teachers.Teacher.score_hidden`). Otherwise both mo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -62,3 +64,12 @@ def teacher_token_logp(batch: RolloutBatch, out: TeacherOutput) -> torch.Tensor:
             "only its top-k; use a teacher that also returns token_logp_BT (or full logits)"
         )
     return D.token_logprobs(out.logits_BTV, batch.completion_ids_BT)
+
+
+def answered_only(batch: RolloutBatch, teacher_out: TeacherOutput) -> RolloutBatch:
+    """``batch`` with the rows the teacher gave no answer for (``answered_B`` False) out of the loss
+    mask: their filler values never reach the loss, and the run goes on without them."""
+    if teacher_out.answered_B is None:
+        return batch
+    answered_B1 = teacher_out.answered_B.to(batch.loss_mask_BT.device).bool().unsqueeze(-1)
+    return replace(batch, loss_mask_BT=batch.loss_mask_BT & answered_B1)

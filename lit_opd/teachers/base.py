@@ -4,8 +4,10 @@ Every ability a method or callback may use is declared here with a default, so c
 protocol and never probe a teacher's attributes: ``score`` (required), ``identity`` (required),
 ``to``, ``score_hidden`` (the memory-lean loss), ``generator`` (a model that samples token ids, for
 sequence-level KD), ``scoring_model`` (a model whose logits are ``score``'s distribution, for
-calibration) and ``generate_text`` (text continuations, for text-only methods). A group of
-teachers (an ensemble, a teacher per row) implements the same protocol.
+calibration), ``generate_text`` (text continuations, for text-only methods), ``connect`` (fail
+at setup, naming the URL, when a remote teacher is unreachable) and ``stats`` (request counters a
+method logs every step). A group of teachers (an ensemble, a teacher per row) implements the same
+protocol.
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ class Teacher(abc.ABC):
     def to(self, device: torch.device | str) -> Teacher:  # noqa: ARG002 - remote teachers ignore it
         """Place the teacher's weights on the training device (remote teachers: nothing to do)."""
         return self
+
+    def connect(self) -> None:
+        """Check, once at setup, that the teacher can answer; raise one clear error (naming the URL
+        for a remote teacher) if it cannot. Local teachers: nothing to check."""
+
+    def stats(self) -> dict[str, float]:
+        """Running counters since construction (requests, retries, failures, tokens), logged by the
+        method as ``teacher/<key>`` every step. Local teachers: none."""
+        return {}
+
+    def restore_stats(self, stats: dict[str, float]) -> None:
+        """Counters saved in a checkpoint (``stats()`` at save time), so a resumed run keeps counting
+        (and spending a remote teacher's budget) where it stopped. Local teachers: nothing to do."""
 
     def score_hidden(self, batch: RolloutBatch) -> TeacherOutput | None:  # noqa: ARG002
         """Last hidden states and output weight instead of logits (the memory-lean loss path), or

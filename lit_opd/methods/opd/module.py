@@ -33,7 +33,7 @@ from lit_opd.methods.base import PolicyModule, default_optimizer
 from lit_opd.models import ModelSpec, check_tokenizers_compatible, completion_logits, freeze, load_causal_lm
 from lit_opd.objectives import divergences as D
 from lit_opd.objectives.components import Divergence, Objective
-from lit_opd.objectives.paths import score_teacher, token_terms
+from lit_opd.objectives.paths import answered_only, score_teacher, token_terms
 from lit_opd.teachers.base import Teacher, check_capability
 from lit_opd.types import RolloutBatch, TeacherOutput
 
@@ -123,6 +123,10 @@ class OPDModule(PolicyModule):
         for model in self._frozen.values():
             model.to(self.device)
 
+    def setup(self, stage: str) -> None:
+        # A remote teacher that is down fails here, naming its URL, before any rollout is spent.
+        self.teacher.connect()
+
     def on_fit_start(self) -> None:
         self._place_frozen()
 
@@ -138,7 +142,15 @@ class OPDModule(PolicyModule):
         loss, metrics = self.loss(batch, teacher_out)
         metrics.update(self.rollout_metrics(batch))
         self.log_rollout(batch, {"loss": loss.detach(), **metrics})
+        self.log_teacher_stats(batch)
         return loss
+
+    def log_teacher_stats(self, batch: RolloutBatch) -> None:
+        """The teacher's running request counters (remote teachers), as ``teacher/<key>``."""
+        stats = self.teacher.stats()
+        if stats:
+            self.log_dict({f"teacher/{k}": float(v) for k, v in stats.items()},
+                          batch_size=batch.completion_ids_BT.shape[0])
 
     def rollout_metrics(self, batch: RolloutBatch) -> dict[str, torch.Tensor | float]:
         """Extra per-step diagnostics of the training rollouts, logged as ``train/<key>`` (none here)."""
@@ -149,7 +161,9 @@ class OPDModule(PolicyModule):
         return score_teacher(self.teacher, self.student, batch, self.objective)
 
     def loss(self, batch: RolloutBatch, teacher_out: TeacherOutput) -> tuple[torch.Tensor, dict]:
-        """The objective on one RolloutBatch, and diagnostics (detached) to log."""
+        """The objective on one RolloutBatch, and diagnostics (detached) to log. Rows the teacher gave
+        no answer for (a failed remote call) leave the loss mask, counted as ``teacher_missing_frac``."""
+        batch = answered_only(batch, teacher_out)
         terms = token_terms(self.student, batch, teacher_out, self.objective)
         if self.objective.uses_reference():
             terms.reference_logp_BT = self.reference_logp(batch)
@@ -158,6 +172,8 @@ class OPDModule(PolicyModule):
             mask_BT = batch.loss_mask_BT
             metrics["teacher_kl"] = D.reduce_masked(terms.student_logp_BT - terms.teacher_logp_BT, mask_BT)
             metrics["entropy"] = D.reduce_masked(terms.entropy_BT, mask_BT)
+            if teacher_out.answered_B is not None:
+                metrics["teacher_missing_frac"] = 1.0 - teacher_out.answered_B.float().mean()
         return loss, metrics
 
     def score_loss(self, batch: RolloutBatch) -> torch.Tensor:
@@ -174,9 +190,11 @@ class OPDModule(PolicyModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["lit_opd"]["teacher"] = self.teacher.identity()
         checkpoint["lit_opd"]["objective"] = self.objective.settings()
+        checkpoint["lit_opd"]["teacher_stats"] = self.teacher.stats()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        self.teacher.restore_stats(checkpoint.get("lit_opd", {}).get("teacher_stats", {}))
         saved = checkpoint.get("lit_opd", {}).get("teacher")
         current = self.teacher.identity()
         if saved is not None and saved != current and not self.allow_teacher_change:
