@@ -84,12 +84,11 @@ class RemoteCalls:
     @property
     def client(self):  # noqa: ANN201 - openai.OpenAI
         if self._client is None:
-            import httpx
-            import openai
+            import openai  # openai.Timeout, not httpx's: newer SDKs ship httpx2 instead of httpx
 
             self._client = openai.OpenAI(
                 base_url=self.base_url, api_key=self._key() or "EMPTY", max_retries=0,
-                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
+                timeout=openai.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
             )
         return self._client
 
@@ -113,24 +112,33 @@ class RemoteCalls:
     # ----- setup check ------------------------------------------------------------------------
     def check(self, model: str) -> None:
         """Fail now, naming the URL, when the server is down, refuses the key, or lacks ``model``."""
+        served = self._served()
+        if served and model not in served:
+            raise RuntimeError(f"{self.owner}: the server at {self.base_url} does not serve model "
+                               f"{model!r}; it serves {served}. Set model to one of these.")
+
+    def _served(self) -> list[str]:
+        """The model ids the server lists; one RuntimeError naming the URL when it cannot say."""
         import openai
 
         try:
-            served = [m.id for m in self.client.with_options(timeout=min(self.timeout, 10.0)).models.list()]
+            return [m.id for m in self.client.with_options(timeout=min(self.timeout, 10.0)).models.list()]
         except openai.APIStatusError as err:
             raise RuntimeError(self.redact(
                 f"{self.owner}: {self.base_url}/models answered HTTP {err.status_code}; check base_url"
                 f"{' and the key in $' + self.api_key_env if self.api_key_env else ''}"
             )) from None
-        except (openai.APIError, OSError) as err:
+        except (openai.APIConnectionError, OSError) as err:
             raise RuntimeError(self.redact(
                 f"{self.owner}: cannot reach the teacher server at {self.base_url} "
                 f"({type(err).__name__}). Start it first (e.g. `python -m lit_opd serve-teacher --model "
                 "PATH --port 8000`, `vllm serve MODEL`) or fix base_url."
             )) from None
-        if served and model not in served:
-            raise RuntimeError(f"{self.owner}: the server at {self.base_url} does not serve model "
-                               f"{model!r}; it serves {served}. Set model to one of these.")
+        except (openai.APIError, ValueError, TypeError, AttributeError) as err:  # e.g. a body not JSON
+            raise RuntimeError(self.redact(
+                f"{self.owner}: {self.base_url}/models answered with something that is not an OpenAI "
+                f"model list ({type(err).__name__}); is base_url an OpenAI-compatible root (often .../v1)?"
+            )) from None
 
     # ----- calls ------------------------------------------------------------------------------
     def call(self, request: Callable[[Any], T], tokens: Callable[[T], int] | None = None) -> T | None:
