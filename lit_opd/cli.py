@@ -1,5 +1,7 @@
-"""``python -m lit_opd fit|validate|test --config x.yaml``, ``python -m lit_opd export`` and
-``python -m lit_opd calibrate`` (ListOPD's λ*: :mod:`lit_opd.methods.list_opd.cli`).
+"""``python -m lit_opd fit|validate|test --config x.yaml``, ``python -m lit_opd export``,
+``python -m lit_opd calibrate`` (ListOPD's λ*: :mod:`lit_opd.methods.list_opd.cli`) and
+``python -m lit_opd serve-teacher --model PATH`` (a teacher behind vLLM's log-prob API, for
+``ServerTeacher``: :mod:`lit_opd.teachers.serve`).
 
 LightningCLI in subclass mode: ``model`` is any :class:`PolicyModule` (OPDModule, SFTModule, ...)
 and ``data`` any RolloutDataModule, both given as ``class_path`` + ``init_args``.
@@ -39,6 +41,11 @@ def cli_main(args: ArgsType = None, run: bool = True) -> OPDCLI | None:
         from lit_opd.methods.list_opd.cli import calibrate_main
 
         calibrate_main(argv[1:])
+        return None
+    if argv and argv[0] == "serve-teacher":
+        from lit_opd.teachers.serve import serve_main
+
+        serve_main(argv[1:])
         return None
     return OPDCLI(
         PolicyModule,

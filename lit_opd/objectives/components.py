@@ -160,6 +160,13 @@ class Divergence(Objective):
         if topk_logp_BTK is None:  # a full-logit teacher: take its top-k here
             teacher_logp_BTV = (teacher_out.logits_BTV.float() / self.temperature).log_softmax(-1)
             topk_logp_BTK, topk_ids_BTK = teacher_logp_BTV.topk(self.top_k, dim=-1)
+        elif topk_logp_BTK.shape[-1] != self.top_k:  # a top-k teacher (e.g. a server) sorted descending
+            if topk_logp_BTK.shape[-1] < self.top_k:
+                raise ValueError(
+                    f"Divergence.top_k={self.top_k} but the teacher returned only {topk_logp_BTK.shape[-1]} "
+                    "log-probs per position; lower top_k or raise the teacher's k (e.g. ServerTeacher.k)"
+                )
+            topk_logp_BTK, topk_ids_BTK = topk_logp_BTK[..., : self.top_k], topk_ids_BTK[..., : self.top_k]
         return D.topk_divergence(logits_BTV, topk_logp_BTK, topk_ids_BTK, **options), {}
 
 

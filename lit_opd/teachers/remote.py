@@ -125,8 +125,8 @@ class RemoteCalls:
             return [m.id for m in self.client.with_options(timeout=min(self.timeout, 10.0)).models.list()]
         except openai.APIStatusError as err:
             raise RuntimeError(self.redact(
-                f"{self.owner}: {self.base_url}/models answered HTTP {err.status_code}; check base_url"
-                f"{' and the key in $' + self.api_key_env if self.api_key_env else ''}"
+                f"{self.owner}: {self.base_url}/models answered HTTP {err.status_code}; " + _status_hint(
+                    err.status_code, self.owner, self.api_key_env)
             )) from None
         except (openai.APIConnectionError, OSError) as err:
             raise RuntimeError(self.redact(
@@ -229,6 +229,16 @@ class RemoteCalls:
 
     def _delay(self, attempt: int) -> float:
         return min(self.backoff * 2**attempt, self.max_backoff) * random.uniform(0.75, 1.25)
+
+
+def _status_hint(status: int, owner: str, api_key_env: str | None) -> str:
+    """What to fix for an HTTP error at setup."""
+    if status in (401, 403) and api_key_env is None:
+        return (f"the server needs a key: put it in an environment variable and set {owner}.api_key_env "
+                "to that variable's name")
+    if status in (401, 403):
+        return f"the server refused the key in ${api_key_env}; check its value"
+    return "check base_url (it should end in /v1 for an OpenAI-compatible server)"
 
 
 def _retry_after(err: Exception) -> float:

@@ -162,3 +162,40 @@ def test_truncated_is_weights_cap():
     w = truncated_is_weights(old, sampler, cap=5.0)
     torch.testing.assert_close(w, torch.tensor([[1.0, 2.0, math.exp(-1.0), 5.0]]))
     assert not w.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# Divergence on a top-k teacher that returns more (or fewer) entries than the objective's top_k
+# --------------------------------------------------------------------------------------------------
+def _topk_case(teacher_k: int):
+    from lit_opd.objectives.components import Divergence, TokenTerms
+    from lit_opd.types import TeacherOutput
+    from tests.helpers import make_rollout_batch
+    from lit_opd.tasks import char_tokenizer
+
+    tok = char_tokenizer()
+    batch = make_rollout_batch(tok)
+    g = torch.Generator().manual_seed(0)
+    B, T = batch.completion_ids_BT.shape
+    student_BTV = torch.randn(B, T, len(tok), generator=g)
+    teacher_logp_BTV = torch.randn(B, T, len(tok), generator=g).log_softmax(-1)
+    logp_BTK, ids_BTK = teacher_logp_BTV.topk(teacher_k, dim=-1)
+    terms = TokenTerms(student_logp_BT=torch.zeros(B, T), teacher_logp_BT=torch.zeros(B, T),
+                       entropy_BT=torch.zeros(B, T), student_logits_BTV=student_BTV)
+    return Divergence, batch, terms, TeacherOutput(topk_logp_BTK=logp_BTK, topk_ids_BTK=ids_BTK), teacher_logp_BTV
+
+
+def test_topk_divergence_uses_the_first_top_k_of_a_larger_teacher_k():
+    divergence, batch, terms, wide, full_logp = _topk_case(teacher_k=9)
+    from lit_opd.types import TeacherOutput
+
+    narrow = TeacherOutput(logits_BTV=full_logp)  # a full-logit teacher: top-4 taken by the objective
+    loss_wide = divergence(top_k=4)(batch, terms, wide)[0]
+    loss_narrow = divergence(top_k=4)(batch, terms, narrow)[0]
+    assert torch.allclose(loss_wide, loss_narrow, atol=1e-6)
+
+
+def test_topk_divergence_refuses_a_teacher_with_fewer_entries():
+    divergence, batch, terms, short, _ = _topk_case(teacher_k=3)
+    with pytest.raises(ValueError, match="top_k=4.*only 3.*ServerTeacher.k"):
+        divergence(top_k=4)(batch, terms, short)
