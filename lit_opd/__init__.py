@@ -4,7 +4,8 @@ Data flow of one step: prompts (RolloutDataModule) → rollout with the current 
 teacher scoring → divergence / sampled-token objective → optimizer step.
 """
 
-from lit_opd.callbacks import AccuracyReport, EffOPDCallback, UpdateDynamicsCallback
+from lit_opd.callbacks import AccuracyReport, EffOPDCallback, HealthGuard, UpdateDynamicsCallback
+from lit_opd.errors import NonFiniteError, TeacherUnreachable, UserError
 from lit_opd.methods import ListOPDModule, OPDModule, PolicyModule, SFTModule
 from lit_opd.methods.list_opd import (
     BaseRelativeClip, CalibrationReport, calibrate, lambda_star, lambda_star_kary, q_star,
@@ -21,6 +22,6 @@ __all__ = [
     "OPDModule", "SFTModule", "PolicyModule", "ModelSpec", "RolloutDataModule", "JsonlPrompts",
     "ListPrompts", "TaskPrompts", "HFTeacher", "ServerTeacher", "APITeacher", "HFTextTeacher", "Teacher", "RolloutBatch", "SamplingParams",
     "TeacherCapability", "TeacherOutput", "lambda_star", "lambda_star_kary", "q_star",
-    "AccuracyReport", "EffOPDCallback", "UpdateDynamicsCallback", "ListOPDModule", "calibrate",
+    "AccuracyReport", "EffOPDCallback", "HealthGuard", "UserError", "NonFiniteError", "TeacherUnreachable", "UpdateDynamicsCallback", "ListOPDModule", "calibrate",
     "CalibrationReport", "Objective", "Divergence", "SampledReward", "BaseRelativeClip",
 ]

@@ -11,15 +11,38 @@ from __future__ import annotations
 
 import os
 import sys
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from typing import NoReturn
 
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from lit_opd import errors
 from lit_opd.methods.base import PolicyModule
 from lit_opd.rollout.datamodule import RolloutDataModule
 
 
 
+class OPDArgumentParser(LightningArgumentParser):
+    """A parse error is one line (the full setting and the reason), not the usage text followed by
+    jsonargparse's nested report; ``LIT_OPD_DEBUG=1`` restores the full report."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or errors.debug_requested():
+            super().error(message, ex)
+        sys.stderr.write(f"error: {errors.condense_parser_message(message)}\n"
+                         "tip: add --help to list the accepted settings\n")
+        self.exit(2)
+
+
 class OPDCLI(LightningCLI):
     """The project's CLI. Kept in a regular module (not ``__main__``) so ``ddp_spawn`` can pickle it."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - LightningCLI's own arguments
+        kwargs.setdefault("parser_class", OPDArgumentParser)
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        # A model directory that fails to load is reported with the setting that named it.
+        errors.remember_settings(self.config)
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> OPDCLI | None:
@@ -119,7 +142,9 @@ def export_main(argv: list[str]) -> None:
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cli_main()
+    # The user's mistakes (lit_opd.errors) end with one message; bugs keep their traceback.
+    with errors.user_errors_exit():
+        cli_main()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ passes through unchanged, so Python users can hand in models they built themselv
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -108,8 +109,9 @@ def load_causal_lm(model: ModelSpec | str | nn.Module) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
     except OSError as err:
         raise OSError(
-            f"Could not load model {spec.path!r}: {err}. Point `path` at a local directory written by "
-            "`save_pretrained` (or by `python -m lit_opd export`), or at a hub id you can reach."
+            f"Could not load model {spec.path!r}: {_load_failure(spec.path, err)}. Point `path` at a "
+            "local directory written by `save_pretrained` (or by `python -m lit_opd export`), or at a hub "
+            "id you can reach."
         ) from err
     return apply_lora(model, spec.lora, spec.revision) if spec.lora is not None else model
 
@@ -128,12 +130,28 @@ def load_tokenizer(
         kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     else:
         kwargs = {}
-    tok = AutoTokenizer.from_pretrained(tokenizer, **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"Could not load a tokenizer from {tokenizer!r}: {_load_failure(tokenizer, err)}. Point "
+            "`tokenizer` (or the model path) at a directory holding tokenizer files, or at a hub id you "
+            "can reach."
+        ) from err
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         # Padding is masked everywhere; EOS is the conventional stand-in.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _load_failure(path: str, err: Exception) -> str:
+    """Why ``path`` did not load, in words: a local-looking path that is not there says so instead of
+    the hub's complaint about repo ids."""
+    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+    if local and not os.path.exists(os.path.expanduser(path)):
+        return "no such directory"
+    return str(err).strip().rstrip(".")
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:

@@ -64,6 +64,8 @@ class PolicyModule(L.LightningModule):
         self.val_accuracy = MeanMetric()
         self.val_length = MeanMetric()
         self._step_started = 0.0
+        # The latest training step's loss terms (detached), so the HealthGuard can name a NaN one.
+        self.step_terms: dict[str, torch.Tensor | float] = {}
 
     @property
     def policy(self) -> nn.Module:
@@ -111,6 +113,18 @@ class PolicyModule(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """A default :class:`~lit_opd.callbacks.HealthGuard` (skip NaN/inf updates, stop with one
+        clear error, atomic checkpoints), unless the trainer already has one: Lightning lets a
+        callback returned here replace the trainer's own of the same type, so a HealthGuard the
+        user configured (other settings, or ``enabled: false``) must win by not returning ours."""
+        from lit_opd.callbacks.health import HealthGuard  # here: lit_opd.callbacks imports the methods
+
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(cb, HealthGuard) for cb in trainer.callbacks):
+            return []
+        return [HealthGuard()]
+
     # ----- logging --------------------------------------------------------------------------
     def on_train_batch_start(self, batch: RolloutBatch, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
@@ -138,6 +152,7 @@ class PolicyModule(L.LightningModule):
             "rollout/cut_frac": batch.truncated_B.float().mean() if batch.truncated_B is not None else 0.0,
         }
         stats.update({f"train/{k}": v for k, v in metrics.items()})
+        self.step_terms = dict(metrics)
         B = batch.completion_ids_BT.shape[0]
         self.log_dict(stats, batch_size=B)
         bar = {"loss": metrics["loss"], "len": stats["rollout/len_mean"]}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit_opd.errors import NonFiniteError
 from lit_opd.rollout import engine as engine_mod
 from lit_opd.rollout.engine import LeanDecoder
 from lit_opd.types import SamplingParams
@@ -61,8 +62,32 @@ def pick_tokens(
         tokens_B = logp_BV.argmax(-1)
     else:
         logp_BV = filter_logits(logits_BV, params).log_softmax(-1)
-        tokens_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+        try:
+            tokens_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+        except RuntimeError:
+            # multinomial checks its input (a host sync it pays anyway); only when it refuses do we
+            # look at why, so the usual path costs nothing extra.
+            bad_rows = int(nonfinite_rows(logits_BV).sum())
+            if not bad_rows:
+                raise
+            raise nonfinite_logits(bad_rows, logits_BV.shape[0], params) from None
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def nonfinite_rows(logits_BV: Tensor) -> Tensor:
+    """Rows with a NaN or +inf logit, or with every logit -inf (a single -inf is a legal mask): (B,)."""
+    return (torch.isnan(logits_BV) | torch.isposinf(logits_BV)).any(-1) | torch.isneginf(logits_BV).all(-1)
+
+
+def nonfinite_logits(bad_rows: int, rows: int, params: SamplingParams) -> NonFiniteError:
+    """The error for NaN/inf next-token logits, naming what usually causes them."""
+    return NonFiniteError(
+        f"the model being sampled from (the student, for on-policy rollouts) returned NaN/inf logits for "
+        f"{bad_rows} of {rows} rows, so no token can be drawn: its weights or activations "
+        "overflowed.",
+        suspects=f"the learning rate (the usual cause: the last update blew up the weights), sampling "
+                 f"temperature={params.temperature:g}, fp16 precision (use bf16-mixed or 32-true)",
+    )
 
 
 def cache_kwarg(model: nn.Module) -> str:

@@ -51,7 +51,9 @@ class JsonlPrompts(PromptSource):
     def load(self) -> list[dict]:
         path = Path(self.path)
         if not path.is_file():
-            raise FileNotFoundError(f"JsonlPrompts.path={self.path!r} does not exist")
+            raise FileNotFoundError(
+                f"JsonlPrompts.path={self.path!r} does not exist; point it at a .jsonl file"
+            )
         rows = []
         with path.open() as fh:
             for lineno, line in enumerate(fh, start=1):
@@ -63,7 +65,10 @@ class JsonlPrompts(PromptSource):
                     raise ValueError(f"{self.path}:{lineno}: not valid JSON ({err.msg})") from err
                 rows.append(check_row(row, f"{self.path}:{lineno}"))
         if not rows:
-            raise ValueError(f"JsonlPrompts.path={self.path!r} holds no rows")
+            raise ValueError(
+                f"JsonlPrompts.path={self.path!r} holds no rows; write one JSON object per line, e.g. "
+                '{"prompt": "2+2=", "answer": "4"}'
+            )
         return rows
 
 

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from lit_opd.errors import TeacherUnreachable
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
@@ -114,7 +116,7 @@ class RemoteCalls:
         """Fail now, naming the URL, when the server is down, refuses the key, or lacks ``model``."""
         served = self._served()
         if served and model not in served:
-            raise RuntimeError(f"{self.owner}: the server at {self.base_url} does not serve model "
+            raise TeacherUnreachable(f"{self.owner}: the server at {self.base_url} does not serve model "
                                f"{model!r}; it serves {served}. Set model to one of these.")
 
     def _served(self) -> list[str]:
@@ -124,18 +126,18 @@ class RemoteCalls:
         try:
             return [m.id for m in self.client.with_options(timeout=min(self.timeout, 10.0)).models.list()]
         except openai.APIStatusError as err:
-            raise RuntimeError(self.redact(
+            raise TeacherUnreachable(self.redact(
                 f"{self.owner}: {self.base_url}/models answered HTTP {err.status_code}; " + _status_hint(
                     err.status_code, self.owner, self.api_key_env)
             )) from None
         except (openai.APIConnectionError, OSError) as err:
-            raise RuntimeError(self.redact(
+            raise TeacherUnreachable(self.redact(
                 f"{self.owner}: cannot reach the teacher server at {self.base_url} "
                 f"({type(err).__name__}). Start it first (e.g. `python -m lit_opd serve-teacher --model "
                 "PATH --port 8000`, `vllm serve MODEL`) or fix base_url."
             )) from None
         except (openai.APIError, ValueError, TypeError, AttributeError) as err:  # e.g. a body not JSON
-            raise RuntimeError(self.redact(
+            raise TeacherUnreachable(self.redact(
                 f"{self.owner}: {self.base_url}/models answered with something that is not an OpenAI "
                 f"model list ({type(err).__name__}); is base_url an OpenAI-compatible root (often .../v1)?"
             )) from None

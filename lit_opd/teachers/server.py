@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lit_opd.errors import TeacherUnreachable
 from lit_opd.teachers.base import Teacher
 from lit_opd.teachers.remote import MalformedAnswer, RemoteCalls
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
@@ -102,17 +103,17 @@ class ServerTeacher(Teacher):
             self._request(self.remote.client, [(PROBE_IDS, 1)])
         except openai.APIStatusError as err:
             said = err.body.get("message", err.body) if isinstance(err.body, dict) else err.message
-            raise RuntimeError(self.remote.redact(
+            raise TeacherUnreachable(self.remote.redact(
                 f"{where} refused prompt_logprobs={self.k} (HTTP {err.status_code}: {said}). Start vLLM with "
                 f"--max-logprobs {self.k} (or serve-teacher with --k {self.k}), or lower ServerTeacher.k."
             )) from None
         except (openai.APIError, OSError) as err:
-            raise RuntimeError(self.remote.redact(
+            raise TeacherUnreachable(self.remote.redact(
                 f"{where} did not answer a scoring request ({type(err).__name__}: {err}); check that it "
                 "is up and serves /completions"
             )) from None
         except (MalformedAnswer, ValueError, KeyError, TypeError) as err:
-            raise RuntimeError(self.remote.redact(
+            raise TeacherUnreachable(self.remote.redact(
                 f"{where} answered a scoring request without usable prompt_logprobs ({err}). ServerTeacher "
                 "needs vLLM's protocol: `vllm serve MODEL --max-logprobs K` or `python -m lit_opd "
                 "serve-teacher --model PATH --k K`."

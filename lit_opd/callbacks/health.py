@@ -1,0 +1,307 @@
+"""HealthGuard: training that goes non-finite skips the bad update, stops with one clear error when
+it keeps happening, and never costs the user a good checkpoint.
+
+Every :class:`~lit_opd.methods.base.PolicyModule` adds a default ``HealthGuard()`` through
+``configure_callbacks`` unless the trainer already has one, so every method is covered without
+configuration. To change its settings, list your own in ``trainer.callbacks`` (it then replaces the
+default); ``enabled: false`` turns it off::
+
+    trainer:
+      callbacks:
+        - class_path: lit_opd.callbacks.HealthGuard
+          init_args: {max_consecutive_skips: 5}
+
+Why a callback: the checks sit on Lightning's hooks (``on_before_backward``,
+``on_before_optimizer_step``, ``on_train_batch_end``), so they work for any LightningModule and any
+loss without touching ``training_step``, and a callback can install the checkpoint writer on the
+strategy in ``setup`` without the user configuring plugins.
+
+How an update is skipped: in ``on_before_optimizer_step`` (after backward and the DDP gradient
+all-reduce, before clipping) every gradient is set to ``None``. ``torch.optim`` optimizers leave
+parameters without a gradient alone, so AdamW's moments, its step count and weight decay do not move;
+zeroing the gradients instead would still advance them. Lightning still counts the step (``global_step``
+and the LR scheduler advance, as with a GradScaler's skipped step), so a run keeps its length. Returning
+None from ``training_step`` is not used: Lightning cannot do it under DDP, and it does not see
+gradients that are non-finite although the loss is finite, which is how a too-high learning rate
+usually shows up first.
+
+Lightning's own tools remain available alongside: ``trainer.gradient_clip_val`` (clipping runs after
+this check) and ``trainer.detect_anomaly=true`` (finds the operation that made the first NaN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lit_opd.errors import NonFiniteError
+
+SKIPPED_KEY = "train/skipped_nonfinite"
+
+
+class HealthGuard(L.Callback):
+    """Skip updates whose loss or gradients are NaN/inf; stop the run with one error after
+    ``max_consecutive_skips`` such steps in a row, or as soon as a weight is NaN/inf.
+
+    Each skipped step is counted (logged as ``train/skipped_nonfinite``, the total so far) and warned
+    about with its step. The error names the step, the first non-finite loss term or parameter, and
+    the settings most likely at fault (learning rate, temperatures, λ). Checkpoints are written
+    atomically and never from non-finite weights (:class:`AtomicCheckpointIO`).
+
+    Args:
+        max_consecutive_skips: skipped steps in a row after which the run stops.
+        check_weights: after every update, check the trainable weights (one pass over them).
+        atomic_checkpoints: install :class:`AtomicCheckpointIO` when the strategy uses Lightning's
+            default checkpoint writer (a writer you configured yourself is left alone).
+        enabled: False turns every check off (Lightning's behaviour).
+    """
+
+    def __init__(
+        self,
+        max_consecutive_skips: int = 3,
+        check_weights: bool = True,
+        atomic_checkpoints: bool = True,
+        enabled: bool = True,
+    ) -> None:
+        if max_consecutive_skips < 1:
+            raise ValueError(f"HealthGuard.max_consecutive_skips={max_consecutive_skips} must be >= 1")
+        self.max_consecutive_skips, self.check_weights = max_consecutive_skips, check_weights
+        self.atomic_checkpoints, self.enabled = atomic_checkpoints, enabled
+        self.skipped = 0  # skipped updates in this run (resumed runs continue the count)
+        self.consecutive = 0
+        self._loss_bad: torch.Tensor | None = None  # over the micro-batches of one update
+        self._loss: torch.Tensor | None = None
+        self._updated_at: int | None = None  # the step whose update went through, until checked
+
+    # ----- setup ----------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.enabled and self.atomic_checkpoints:
+            install_atomic_checkpoint_io(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.consecutive, self._loss_bad, self._updated_at = 0, None, None
+
+    # ----- the checks -----------------------------------------------------------------------
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if not self.enabled:
+            return
+        self._loss = loss.detach()
+        bad = ~torch.isfinite(self._loss).all()  # stays on the device: one sync per update, below
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self.enabled:
+            return
+        loss_bad, self._loss_bad = self._loss_bad, None
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # Under a GradScaler (16-mixed) inf gradients are routine and the scaler skips those steps itself.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        grads_bad = None if scaler is not None else any_nonfinite(p.grad for p in params)
+        flags = [f for f in (loss_bad, grads_bad) if f is not None]
+        bad = bool(torch.stack([f.to(flags[0].device) for f in flags]).any()) if flags else False
+        # Every rank must take the same decision, or DDP/FSDP ranks would drift apart.
+        if not trainer.strategy.reduce_boolean_decision(bad, all=False):
+            self.consecutive, self._updated_at = 0, trainer.global_step
+            return
+        what = self._describe(pl_module, params, bool(loss_bad) if loss_bad is not None else False)
+        for p in params:
+            p.grad = None
+        self._skip(trainer, pl_module, what)
+
+    def _skip(self, trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
+        self.skipped += 1
+        self.consecutive += 1
+        step = trainer.global_step
+        if self.consecutive >= self.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{what}; {self.consecutive} updates in a row had NaN/inf (each one skipped), so the run "
+                "stops here instead of training on.",
+                step=step, suspects=suspect_settings(trainer, pl_module),
+            )
+        rank_zero_warn(
+            f"HealthGuard: global step {step}: {what}; this update was skipped "
+            f"({self.consecutive}/{self.max_consecutive_skips} in a row before the run stops)."
+        )
+
+    def _describe(self, pl_module: L.LightningModule, params: list, loss_bad: bool) -> str:
+        """What went non-finite: the loss (with its non-finite terms) or the first gradient."""
+        if loss_bad:
+            terms = getattr(pl_module, "step_terms", None) or {}
+            names = [k for k, v in terms.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())]
+            named = f" (non-finite terms: {', '.join(names)})" if names else ""
+            value = float(self._loss.float().mean()) if self._loss is not None else float("nan")
+            return f"the loss is {value}{named}"
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        first = next((names.get(id(p), "?") for p in params if bool(any_nonfinite([p.grad]))), None)
+        loss = "" if self._loss is None else f" (the loss, {float(self._loss.float().mean()):.4g}, is finite)"
+        return f"the gradient of {first or 'a parameter on another rank'} holds NaN/inf{loss}"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.enabled:
+            return
+        pl_module.log(SKIPPED_KEY, float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
+        step, self._updated_at = self._updated_at, None
+        if step is None or not self.check_weights:
+            return
+        weights = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        bad = any_nonfinite(p for _, p in weights)
+        if trainer.strategy.reduce_boolean_decision(bool(bad) if bad is not None else False, all=False):
+            name = first_nonfinite(weights) or "a parameter shard on another rank"
+            raise NonFiniteError(
+                f"after this step's update the weight {name} holds NaN/inf (the loss and gradients were "
+                "finite: the update itself overflowed).",
+                step=step, suspects=suspect_settings(trainer, pl_module),
+            )
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # A NaN found deep inside the rollout does not know the step or the settings; add them.
+        if isinstance(exception, NonFiniteError):
+            exception.add_context(trainer.global_step, suspect_settings(trainer, pl_module))
+
+    # ----- resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+# ----- helpers ------------------------------------------------------------------------------
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def any_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """A 0-d bool tensor on the device, True when any element is NaN/inf; None for no tensors."""
+    flags = [torch.isfinite(_local(t).detach()).all() for t in tensors if t.is_floating_point()]
+    if not flags:
+        return None
+    device = flags[0].device
+    return ~torch.stack([f.to(device) for f in flags]).all()
+
+
+def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding NaN/inf, else None."""
+    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    bad = any_nonfinite(t for _, t in named)
+    if bad is None or not bool(bad):
+        return None
+    return next((n for n, t in named if not bool(torch.isfinite(_local(t)).all())), None)
+
+
+def suspect_settings(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """The settings that most often make training non-finite, with their values, learning rate first."""
+    found = []
+    for optimizer in trainer.optimizers:
+        lrs = sorted({group["lr"] for group in optimizer.param_groups})
+        found.append(f"lr={', '.join(f'{lr:g}' for lr in lrs)} (the usual cause: try it 10x lower)")
+    sampling = getattr(getattr(trainer, "datamodule", None), "sampling", None)
+    if sampling is not None:
+        found.append(f"sampling temperature={sampling.temperature:g}")
+    objective = getattr(pl_module, "objective", None)
+    settings = objective.settings() if hasattr(objective, "settings") else {}
+    found += [f"objective {k}={settings[k]}" for k in ("temperature", "lambda_", "kl_coef") if k in settings]
+    teacher_t = getattr(getattr(pl_module, "teacher", None), "temperature", None)
+    if isinstance(teacher_t, (int, float)):
+        found.append(f"teacher temperature={teacher_t:g}")
+    if getattr(pl_module, "lambda_", None) is not None:
+        found.append(f"{type(pl_module).__name__}.lambda_={pl_module.lambda_}")
+    found.append(f"precision={trainer.precision}")
+    found.append(f"gradient_clip_val={trainer.gradient_clip_val}")
+    return ", ".join(found)
+
+
+# ----- checkpoints --------------------------------------------------------------------------
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made safe to kill and unable to save NaN.
+
+    Lightning's ``_atomic_save`` serialises into memory and lets fsspec write a temporary file in
+    the system temp directory, then ``shutil.move`` it: across filesystems that is a plain copy onto
+    the target, and nothing is fsynced, so a kill or power cut can leave a truncated ``last.ckpt``.
+    Here the file is written next to its target, fsynced, and ``os.replace``-d over it (atomic on
+    POSIX and Windows), then the directory is fsynced: the target is always either the old or the
+    new checkpoint. A write killed midway leaves a ``.NAME.*.partial`` file, removed by the next
+    save of NAME. Remote paths (``s3://`` ...) keep Lightning's writer.
+
+    A checkpoint whose ``state_dict`` holds NaN/inf is refused with :class:`NonFiniteError` before
+    anything is written, so ModelCheckpoint cannot replace a good file with it (nor go on to delete
+    the older one it would have superseded).
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        bad = first_nonfinite(checkpoint.get("state_dict", {}).items())
+        if bad is not None:
+            raise NonFiniteError(
+                f"refusing to write checkpoint {path}: the weight {bad} holds NaN/inf. The file already "
+                "there (if any) is kept."
+            )
+        if storage_options is not None or not _is_local(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_torch_save(checkpoint, path)
+
+
+def _is_local(path: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(get_filesystem(path), LocalFileSystem)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through a temporary file in the same directory: fsync, ``os.replace``."""
+    target = Path(str(path).removeprefix("file://"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.partial"):  # left by a killed earlier write
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes it private; keep the mode checkpoints usually have
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(target.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def install_atomic_checkpoint_io(trainer: L.Trainer) -> None:
+    """Swap the strategy's writer for :class:`AtomicCheckpointIO` when it is Lightning's default."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()

@@ -1,0 +1,189 @@
+"""Errors the user can fix, told apart from bugs, and the one-line form the CLI prints them in.
+
+What counts as the user's error (:func:`find_user_error`):
+
+* a :class:`UserError` (e.g. :class:`NonFiniteError`), wherever it is raised;
+* a ``ValueError``, ``OSError`` (``FileNotFoundError`` included) or ``ImportError`` raised by
+  lit_opd's own code: by the project's convention these are its validation errors, and their
+  message already names the setting and the fix;
+* either of the above wrapped by jsonargparse while it builds the objects of a config.
+
+Everything else (a ``TypeError``, ``KeyError``, ``RuntimeError``, or a ``ValueError`` raised inside
+torch / transformers) is treated as a bug and keeps its traceback. ``LIT_OPD_DEBUG=1`` shows the
+traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEBUG_ENV = "LIT_OPD_DEBUG"
+DEBUG_HINT = f"(set {DEBUG_ENV}=1 to see the traceback)"
+NONFINITE_ADVICE = (
+    "Lower the learning rate or set trainer.gradient_clip_val (e.g. 1.0); trainer.detect_anomaly=true "
+    "finds the operation that made the first NaN (slow: for debugging only)."
+)
+
+
+class UserError(Exception):
+    """An error whose fix lies in the run's settings or data, not in lit_opd's code: the CLI prints
+    its message alone, without a traceback."""
+
+
+class TeacherUnreachable(UserError, RuntimeError):
+    """A remote teacher cannot answer at setup (server down, wrong URL or model, refused key or k):
+    the message names the URL and the fix."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced NaN or inf (loss, gradients, weights or the rollout's logits).
+
+    The message is built from its parts so that whoever knows more than the raiser (the
+    :class:`~lit_opd.callbacks.HealthGuard` knows the step and the settings) can add them with
+    :meth:`add_context` before it reaches the user.
+    """
+
+    def __init__(
+        self, problem: str, step: int | None = None, suspects: str = "", advice: str = NONFINITE_ADVICE
+    ) -> None:
+        super().__init__(problem)
+        self.problem, self.step, self.suspects, self.advice = problem, step, suspects, advice
+
+    def add_context(self, step: int, suspects: str) -> None:
+        """Add the step (unless the raiser knew it) and the settings with their values, which the
+        caller knows better than a raiser deep inside the rollout."""
+        self.step = self.step if self.step is not None else step
+        self.suspects = suspects or self.suspects
+
+    def __reduce__(self):  # noqa: ANN204 - keep every part across processes (spawned DDP ranks)
+        return type(self), (self.problem, self.step, self.suspects, self.advice)
+
+    def __str__(self) -> str:
+        where = f"At global step {self.step}: " if self.step is not None else ""
+        parts = [f"{where}{self.problem}"]
+        if self.suspects:
+            parts.append(f"Settings most likely at fault: {self.suspects}.")
+        if self.advice:
+            parts.append(self.advice)
+        return " ".join(parts)
+
+
+# ----- telling user errors apart --------------------------------------------------------------
+def raised_in(err: BaseException, directory: Path | str) -> bool:
+    """Whether the innermost frame of ``err``'s traceback (where it was raised) lies under ``directory``."""
+    frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ is not None else []
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(directory)
+
+
+def is_user_error(err: BaseException) -> bool:
+    if isinstance(err, UserError):
+        return True
+    return isinstance(err, (ValueError, OSError, ImportError)) and raised_in(err, PACKAGE_DIR)
+
+
+def find_user_error(err: BaseException) -> BaseException | None:
+    """``err`` itself when it is the user's, or the user error jsonargparse wrapped in it, else None."""
+    import jsonargparse
+
+    wrapper_dir = Path(jsonargparse.__file__).resolve().parent
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if is_user_error(err):
+            return err
+        if not raised_in(err, wrapper_dir):
+            return None
+        err = err.__cause__
+    return None
+
+
+# ----- naming the setting ---------------------------------------------------------------------
+_SETTINGS: dict[str, str] = {}
+
+
+def remember_settings(config) -> None:  # noqa: ANN001 - a jsonargparse Namespace
+    """Keep the config's path-like string values (``key -> value``), so a message that quotes one,
+    e.g. a model directory that does not load, can name the setting it came from."""
+    subcommand = config.get("subcommand") if hasattr(config, "get") else None
+    prefix = f"{subcommand}." if subcommand else ""
+    _SETTINGS.clear()
+    for key, value in config.items():
+        if isinstance(value, str) and ("/" in value or os.sep in value):
+            _SETTINGS[key.removeprefix(prefix)] = value
+
+
+def settings_quoted_in(message: str) -> list[str]:
+    return [k for k, v in _SETTINGS.items() if f"'{v}'" in message or f'"{v}"' in message]
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one line the CLI prints for a user error (prefixed by the setting it names), else None."""
+    found = find_user_error(err)
+    if found is None:
+        return None
+    message = str(found).strip() or type(found).__name__
+    keys = settings_quoted_in(message)
+    if len(keys) == 1:
+        return f"{keys[0]}: {message}"
+    if keys:
+        return f"{message} (set by {' or '.join(keys)})"
+    return message
+
+
+def debug_requested() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@contextlib.contextmanager
+def user_errors_exit() -> Iterator[None]:
+    """Around the CLI: a user error ends the process with its message and exit code 1, no traceback."""
+    try:
+        yield
+    except Exception as err:
+        message = None if debug_requested() else user_message(err)
+        if message is None:
+            raise
+        sys.stderr.write(f"error: {message}\n{DEBUG_HINT}\n")
+        sys.exit(1)
+
+
+# ----- jsonargparse's parse errors, condensed -------------------------------------------------
+_NOISE = re.compile(
+    r"^(Does not validate against any of the Union subtypes|Subtypes: .*|Errors:|Given value type: .*|"
+    r"Given value: .*|Expected a <class 'NoneType'>)$"
+)
+_KEY = re.compile(r'^Parser key "(.+)":$')
+_CLASS = re.compile(r"^Problem with given class_path '(.+)':$")
+
+
+def condense_parser_message(message: str) -> str:
+    """jsonargparse's nested report (Union subtypes, ``Given value: Namespace(...)`` dumps) as one
+    line: the full setting, then the first reason given for it."""
+    setting, cls, reason = "", None, None
+    for raw in message.splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        if not line or _NOISE.match(line):
+            continue
+        if key := _KEY.match(line):
+            joiner = ".init_args." if cls else "."
+            setting = f"{setting}{joiner}{key.group(1)}" if setting else key.group(1)
+            cls = None
+        elif problem := _CLASS.match(line):
+            cls = problem.group(1)
+        else:
+            reason = line
+            break
+    if reason is None:
+        return message.strip().splitlines()[0] if message.strip() else message
+    if cls and setting and any(s in reason for s in ("has no attribute", "No module named", "import")):
+        return (f"{setting}.class_path={cls!r} cannot be imported ({reason}); check the spelling or the "
+                "module path")
+    target = f"{setting}.init_args" if cls and setting else setting
+    return f"{target}: {reason}" if target else reason

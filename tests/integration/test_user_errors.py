@@ -1,0 +1,230 @@
+"""Bad input ends with one readable message, the setting and a fix, not a traceback.
+
+``python -m lit_opd`` prints a user's error as ``error: <message>`` (plus a hint that
+``LIT_OPD_DEBUG=1`` shows the traceback) and exits with 1; a parse error prints one ``error:`` line
+and a ``tip:`` and exits with 2. Bugs keep their traceback. What counts as the user's error:
+:mod:`lit_opd.errors`.
+
+==========================================  ==========================================================
+Bad input                                   Message (``error: ...``)
+==========================================  ==========================================================
+empty JSONL file                            ``data.init_args.source.init_args.path: JsonlPrompts.path=
+                                            '/tmp/empty.jsonl' holds no rows; write one JSON object
+                                            per line, e.g. {"prompt": "2+2=", "answer": "4"}``
+missing JSONL file                          ``JsonlPrompts.path='x.jsonl' does not exist; point it at a
+                                            .jsonl file``
+malformed JSONL line                        ``p.jsonl:2: not valid JSON (Expecting ...)`` /
+                                            ``p.jsonl:1: a row needs a string 'prompt' or a non-empty
+                                            list 'messages'; got keys [...]``
+model directory without weights             ``model.init_args.student: Could not load model 'DIR':
+                                            Error no file named model.safetensors ... Point `path` at
+                                            a local directory written by `save_pretrained` ...``
+wrong teacher path                          ``model.init_args.teacher.init_args.model: Could not load
+                                            model '/no/such/dir': no such directory. Point `path` at ...``
+wrong class_path (exit 2)                   ``model.init_args.teacher.class_path='lit_opd.HFTeachr'
+                                            cannot be imported (module 'lit_opd' has no attribute
+                                            'HFTeachr'); check the spelling or the module path``
+unknown setting (exit 2)                    ``model.init_args: Option 'betta' is not accepted``
+value of the wrong type (exit 2)            ``data.init_args.batch_size: Expected a <class 'int'>. Got
+                                            value: abc``
+value out of range                          ``Divergence.beta=3.0 must be in [0, 1]``
+student/teacher vocabularies differ         ``Student and teacher tokenizers differ (student 104 tokens,
+                                            teacher 105): only in student [], only in teacher
+                                            ['<extra>'] ... use a teacher from the same model family``
+student/teacher EOS differ                  ``Student and teacher disagree on eos_token_id: student 3,
+                                            teacher 2. Set the same special tokens on both tokenizers.``
+remote teacher's API key variable unset     ``APITeacher.api_key_env='X' names an environment variable
+                                            that is not set; export X=<your key> before the run ...``
+over-long prompt (over_long_prompts=error)  ``training row 1 has a 12-token prompt, longer than
+                                            max_prompt_tokens=8; raise max_prompt_tokens or set
+                                            over_long_prompts to 'truncate' or 'skip'``
+resume with another teacher                 ``This checkpoint was trained with teacher {...}, but the
+                                            configured teacher is {...}. Resume with the same teacher,
+                                            or set allow_teacher_change: true ...``
+training goes NaN/inf (e.g. lr 1e6)         ``At global step 3: the gradient of student.model.embed_
+                                            tokens.weight holds NaN/inf (...); 3 updates in a row had
+                                            NaN/inf (each one skipped), so the run stops here ...
+                                            Settings most likely at fault: lr=1e+06 (the usual cause:
+                                            try it 10x lower), sampling temperature=1, ... Lower the
+                                            learning rate or set trainer.gradient_clip_val ...``
+NaN/inf logits in the rollout               ``At global step N: the model being sampled from ...
+                                            returned NaN/inf logits for K of B rows ...``
+remote teacher unreachable at setup         ``ServerTeacher: cannot reach the teacher server at
+                                            http://127.0.0.1:PORT/v1 (APIConnectionError). Start it
+                                            first (e.g. `python -m lit_opd serve-teacher ...`) or fix
+                                            base_url.`` (``TeacherUnreachable``, a UserError)
+==========================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_opd.cli import main
+from lit_opd.errors import DEBUG_ENV, user_message
+from tests.integration.scripts.procs import REPO, finish, start, tiny_opd_config
+
+pytestmark = pytest.mark.integration
+
+
+def _one_error_line(stderr: str) -> str:
+    """The single ``error:`` line, after checking there is no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, student_dir, teacher_dir) -> Path:
+    root = tmp_path_factory.mktemp("user_errors")
+    return tiny_opd_config(root / "tiny.yaml", root / "run", student_dir, teacher_dir, max_steps=2)
+
+
+def test_bad_data_and_models_via_the_cli(config, student_dir, tmp_path):
+    """An empty JSONL file and a model directory without weights, each as ``python -m lit_opd fit``
+    (run side by side)."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for f in Path(student_dir).iterdir():
+        if not f.name.endswith((".safetensors", ".bin")):
+            (no_weights / f.name).write_bytes(f.read_bytes())
+    fit = ["-m", "lit_opd", "fit", "--config", str(config)]
+    procs = {
+        "empty": start([*fit, "--data.init_args.source", "lit_opd.JsonlPrompts",
+                        "--data.init_args.source.init_args.path", str(empty)]),
+        "weights": start([*fit, "--model.init_args.student", str(no_weights)]),
+    }
+    done = {name: finish(proc, timeout=120) for name, proc in procs.items()}
+    for name, proc in done.items():
+        assert proc.returncode == 1, (name, proc.stderr[-3000:])
+    assert _one_error_line(done["empty"].stderr) == (
+        f"error: data.init_args.source.init_args.path: JsonlPrompts.path='{empty}' holds no rows; write one "
+        'JSON object per line, e.g. {"prompt": "2+2=", "answer": "4"}'
+    )
+    line = _one_error_line(done["weights"].stderr)
+    assert line.startswith(f"error: model.init_args.student: Could not load model '{no_weights}': ")
+    assert "model.safetensors" in line and "save_pretrained" in line
+
+
+def _main(args: list[str], monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lit_opd", *args])
+    main()
+
+
+@pytest.mark.parametrize(
+    ("override", "code", "expected"),
+    [
+        (["--model.init_args.teacher.init_args.model", "/no/such/teacher"], 1,
+         "error: model.init_args.teacher.init_args.model: Could not load model '/no/such/teacher': no such "
+         "directory. Point `path` at"),
+        (["--model.init_args.teacher.class_path", "lit_opd.HFTeachr"], 2,
+         "error: model.init_args.teacher.class_path='lit_opd.HFTeachr' cannot be imported (module 'lit_opd' "
+         "has no attribute 'HFTeachr')"),
+        (["--model.init_args.objective.init_args.beta", "3"], 1,
+         "error: Divergence.beta=3.0 must be in [0, 1]"),
+        (["--data.init_args.over_long_prompts", "error", "--data.init_args.max_prompt_tokens", "2"], 1,
+         "error: training row 0 has a"),
+    ],
+    ids=["teacher-path", "class-path", "out-of-range", "over-long-prompt"],
+)
+def test_user_errors_print_one_line(config, override, code, expected, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _main(["fit", "--config", str(config), *override], monkeypatch)
+    assert exit_.value.code == code
+    err = capsys.readouterr().err
+    assert _one_error_line(err).startswith(expected), err[-3000:]
+    assert "Namespace(" not in err and "Given value" not in err
+
+
+def test_lr_1e6_quickstart_ends_with_the_guards_message(tmp_path, monkeypatch, capsys):
+    """The issue's command, sized down (8 prompts a step, 8 validation prompts)."""
+    run = tmp_path / "quickstart"
+    args = [
+        "fit", "--config", "configs/quickstart.yaml", "--model.init_args.optimizer.init_args.lr", "1e6",
+        "--trainer.max_steps", "30", "--trainer.default_root_dir", str(run),
+        "--trainer.logger.init_args.save_dir", str(run), "--trainer.callbacks.dirpath", str(run / "ckpt"),
+        "--trainer.callbacks.every_n_train_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--data.init_args.batch_size", "8", "--data.init_args.val_source.init_args.num_rows", "8",
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        _main(args, monkeypatch)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert line.startswith("error: At global step 3: ") and "lr=1e+06 (the usual cause" in line, line
+    assert "probability tensor" not in err
+    last = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_debug_variable_shows_the_traceback(config, monkeypatch):
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    # the exception itself, as jsonargparse raised it (wrapping lit_opd's OSError)
+    with pytest.raises(ValueError, match="Could not load model '/no/such/teacher'"):
+        _main(["fit", "--config", str(config), "--model.init_args.teacher.init_args.model",
+               "/no/such/teacher"], monkeypatch)
+
+
+class Broken(L.Callback):
+    """A bug: an internal error must keep its traceback."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        {}["missing"]
+
+
+def test_internal_errors_keep_their_traceback(config, monkeypatch):
+    with pytest.raises(KeyError, match="missing"):
+        _main(["fit", "--config", str(config), f"--trainer.callbacks+={__name__}.Broken"], monkeypatch)
+
+
+def _raise(fn, *args, **kwargs) -> BaseException:  # noqa: ANN001, ANN003
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the point is to look at it
+        return err
+    raise AssertionError(f"{fn} did not raise")
+
+
+def test_the_suites_other_bad_inputs_count_as_user_errors(char_tok, monkeypatch):
+    """The table's cases that other tests already trigger: each is reported as one message."""
+    from lit_opd.models import check_tokenizers_compatible
+    from lit_opd.rollout.prompts import PromptTokenizer
+    from lit_opd.teachers.api import APITeacher
+    from lit_opd.teachers.server import ServerTeacher
+    from tests.helpers import make_module
+    from tests.teachers.servers import free_port
+
+    extra = copy.deepcopy(char_tok)
+    extra.add_tokens(["<extra>"])
+    other_eos = copy.deepcopy(char_tok)
+    other_eos.eos_token = char_tok.bos_token
+    monkeypatch.delenv("LIT_OPD_UNSET_KEY", raising=False)
+    module = make_module(char_tok)
+    cases = {
+        "vocab": (_raise(check_tokenizers_compatible, char_tok, extra), "tokenizers differ"),
+        "eos": (_raise(check_tokenizers_compatible, char_tok, other_eos), "disagree on eos_token_id"),
+        "api key": (_raise(APITeacher, "http://127.0.0.1:1/v1", "m", api_key_env="LIT_OPD_UNSET_KEY"),
+                    "APITeacher.api_key_env='LIT_OPD_UNSET_KEY' names an environment variable"),
+        "over-long": (_raise(PromptTokenizer(char_tok, 2, "error", None, None).rows, [{"prompt": "1+1="}],
+                             "training"), "max_prompt_tokens=2; raise max_prompt_tokens"),
+        "teacher changed": (_raise(module.on_load_checkpoint, {"state_dict": {}, "lit_opd": {"teacher": {}}}),
+                            "allow_teacher_change: true"),
+        "server down": (_raise(ServerTeacher(f"http://127.0.0.1:{free_port()}/v1", "m", k=2, retries=0).connect),
+                        "cannot reach the teacher server at http://127.0.0.1:"),
+    }
+    for name, (err, expected) in cases.items():
+        message = user_message(err)
+        assert message is not None and expected in message, (name, message)
+    # bugs are not the user's: a KeyError, and a ValueError raised inside torch
+    assert user_message(_raise(dict().__getitem__, "x")) is None
+    assert user_message(_raise(torch.optim.AdamW, [torch.zeros(1)], lr=-1.0)) is None
