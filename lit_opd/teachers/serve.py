@@ -203,13 +203,15 @@ def build_app(scorer: Scorer, name: str, api_key: str | None = None):  # noqa: A
     app = FastAPI(title="lit_opd serve-teacher", docs_url=None, redoc_url=None, openapi_url=None)
     expected = f"Bearer {api_key}".encode() if api_key else None
 
-    @app.middleware("http")
     async def require_key(request: Request, call_next):  # noqa: ANN001, ANN202
         given = request.headers.get("authorization", "").encode()
-        if expected and request.url.path.startswith("/v1") and not hmac.compare_digest(given, expected):
+        if request.url.path.startswith("/v1") and not hmac.compare_digest(given, expected):
             return _error("Unauthorized: send the server's API key as `Authorization: Bearer <key>`", 401,
                           "authentication_error")
         return await call_next(request)
+
+    if expected is not None:  # an HTTP middleware costs every request a few ms: only when a key is set
+        app.middleware("http")(require_key)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_request: Request, err: BadRequest):  # noqa: ANN202

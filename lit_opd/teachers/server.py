@@ -47,7 +47,9 @@ class ServerTeacher(Teacher):
             ``--k``). Use the objective's ``top_k``.
         tokenizer: the teacher's tokenizer (path or object), only so the method can check that the
             server's token ids are the student's; None skips the check.
-        rows_per_request: rows sent in one HTTP request.
+        rows_per_request: rows sent in one HTTP request (64: one request per quickstart batch; on
+            loopback a request costs a few ms of HTTP and JSON, so fewer, larger requests are faster
+            unless several server replicas share the load).
         concurrency, timeout, retries, backoff, api_key_env, max_calls, max_total_tokens: the client's
             robustness settings (see :class:`~lit_opd.teachers.remote.RemoteCalls`). The API key is
             read from the environment variable *named* by ``api_key_env``; it never enters a
@@ -61,7 +63,7 @@ class ServerTeacher(Teacher):
 
     def __init__(
         self, base_url: str, model: str, k: int = 20, tokenizer: str | PreTrainedTokenizerBase | None = None,
-        rows_per_request: int = 16, concurrency: int = 4, timeout: float = 60.0, retries: int = 3,
+        rows_per_request: int = 64, concurrency: int = 4, timeout: float = 60.0, retries: int = 3,
         backoff: float = 0.5, api_key_env: str | None = None, max_calls: int | None = None,
         max_total_tokens: int | None = None,
     ) -> None:

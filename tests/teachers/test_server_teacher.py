@@ -158,7 +158,7 @@ def test_training_from_the_server_equals_in_process(server, tmp_path):
     in_process = fit_losses(HFTeacher(TEACHER), tmp_path / "local")
     assert len(from_server) == 5
     assert max(abs(a - b) for a, b in zip(from_server, in_process)) < 1e-5, (from_server, in_process)
-    assert remote.stats()["calls"] >= 5 * 4 and remote.stats()["failed"] == 0
+    assert remote.stats()["calls"] >= 5 and remote.stats()["failed"] == 0  # a request per step at least
 
 
 # ----- setup errors -----------------------------------------------------------------------------------
