@@ -117,11 +117,18 @@ class HFTeacher(Teacher):
         return weight if self.temperature == 1.0 else weight / self.temperature
 
     def identity(self) -> dict:
-        ident = {"class": type(self).__name__, "name": self.name}
-        if self.spec is not None:
-            ident.update(self.spec.identity())
-        else:
-            ident["num_parameters"] = sum(p.numel() for p in self.model.parameters())
+        ident = local_identity(self)
         if self.temperature != 1.0:  # identities recorded before the option existed stay equal
             ident["temperature"] = self.temperature
         return ident
+
+
+def local_identity(teacher: Teacher) -> dict:
+    """A local teacher's checkpoint identity: its class and name, and its model's spec (path,
+    revision, dtype, quantization) or, for a model given as an object, its parameter count."""
+    ident = {"class": type(teacher).__name__, "name": teacher.name}
+    if teacher.spec is not None:
+        ident.update(teacher.spec.identity())
+    else:
+        ident["num_parameters"] = sum(p.numel() for p in teacher.model.parameters())
+    return ident

@@ -16,6 +16,7 @@ from lit_opd.models import ModelSpec, as_spec, freeze, load_causal_lm, load_toke
 from lit_opd.teachers.api import CONTINUE_INSTRUCTION, check_stop, check_text_request, continue_messages
 from lit_opd.teachers.api import cut_at_stop, no_logprobs
 from lit_opd.teachers.base import Teacher
+from lit_opd.teachers.hf import local_identity
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
 
 
@@ -71,11 +72,7 @@ class HFTextTeacher(Teacher):
         raise no_logprobs("HFTextTeacher")
 
     def identity(self) -> dict:
-        ident = {"class": type(self).__name__, "name": self.name}
-        if self.spec is not None:
-            ident.update(self.spec.identity())
-        else:
-            ident["num_parameters"] = sum(p.numel() for p in self.model.parameters())
+        ident = local_identity(self)
         if self.chat:
             ident["chat"] = True
         return ident
