@@ -6,20 +6,20 @@ teacher scoring → divergence / sampled-token objective → optimizer step.
 
 from lit_opd.callbacks import AccuracyReport, EffOPDCallback, HealthGuard, UpdateDynamicsCallback
 from lit_opd.errors import NonFiniteError, TeacherUnreachable, UserError
-from lit_opd.methods import ListOPDModule, OPDModule, PolicyModule, SFTModule
+from lit_opd.methods import ListOPDModule, MADOPDModule, OmniOPDModule, OPDModule, PolicyModule, SFTModule
 from lit_opd.methods.list_opd import (
     BaseRelativeClip, CalibrationReport, calibrate, lambda_star, lambda_star_kary, q_star,
 )
 from lit_opd.models import ModelSpec
 from lit_opd.objectives import Divergence, Objective, SampledReward
 from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule, TaskPrompts
-from lit_opd.teachers import APITeacher, HFTeacher, HFTextTeacher, ServerTeacher, Teacher
+from lit_opd.teachers import APITeacher, HFTeacher, HFTextTeacher, ServerTeacher, Teacher, TeacherGroup
 from lit_opd.types import RolloutBatch, SamplingParams, TeacherCapability, TeacherOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "OPDModule", "SFTModule", "PolicyModule", "ModelSpec", "RolloutDataModule", "JsonlPrompts",
+    "OPDModule", "OmniOPDModule", "MADOPDModule", "TeacherGroup", "SFTModule", "PolicyModule", "ModelSpec", "RolloutDataModule", "JsonlPrompts",
     "ListPrompts", "TaskPrompts", "HFTeacher", "ServerTeacher", "APITeacher", "HFTextTeacher", "Teacher", "RolloutBatch", "SamplingParams",
     "TeacherCapability", "TeacherOutput", "lambda_star", "lambda_star_kary", "q_star",
     "AccuracyReport", "EffOPDCallback", "HealthGuard", "UserError", "NonFiniteError", "TeacherUnreachable", "UpdateDynamicsCallback", "ListOPDModule", "calibrate",

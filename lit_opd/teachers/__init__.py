@@ -2,8 +2,12 @@
 
 from lit_opd.teachers.api import APITeacher
 from lit_opd.teachers.base import Teacher, check_capability
+from lit_opd.teachers.group import TeacherGroup
 from lit_opd.teachers.hf import HFTeacher
 from lit_opd.teachers.server import ServerTeacher
 from lit_opd.teachers.text import HFTextTeacher
 
-__all__ = ["Teacher", "HFTeacher", "ServerTeacher", "APITeacher", "HFTextTeacher", "check_capability"]
+__all__ = [
+    "Teacher", "HFTeacher", "ServerTeacher", "APITeacher", "HFTextTeacher", "TeacherGroup",
+    "check_capability",
+]

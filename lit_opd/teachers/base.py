@@ -74,6 +74,11 @@ class Teacher(abc.ABC):
         calibration teacher-forces), or None."""
         return None
 
+    def generates_text(self) -> bool:
+        """Whether :meth:`generate_text` is implemented (every local teacher and APITeacher; not a
+        log-prob server). Methods that compare text check it at construction."""
+        return type(self).generate_text is not Teacher.generate_text
+
     def generate_text(
         self, prompts: Sequence[str], max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
         seed: int = 0,

@@ -39,8 +39,10 @@ def test_print_config_shows_the_objective_settings(config, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(config), "--print_config"])
     objective = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["objective"]
-    assert objective["class_path"].split(".")[-1] in ("Divergence", "SampledReward", "BaseRelativeClip")
-    assert {"kl_coef", "reduction"} <= set(objective["init_args"]) or "kind" in objective["init_args"]
+    kinds = ("Divergence", "SampledReward", "BaseRelativeClip", "SpeculativeVerification")
+    assert objective["class_path"].split(".")[-1] in kinds
+    settings = set(objective["init_args"])
+    assert {"kl_coef", "reduction"} <= settings or "kind" in settings or {"chunk_tokens", "reduction"} <= settings
 
 
 def test_a_pre_component_config_names_the_moved_keys(tmp_path, capsys, monkeypatch):

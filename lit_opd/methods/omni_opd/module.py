@@ -1,0 +1,233 @@
+"""OmniOPDModule: on-policy distillation from a teacher that is only asked for text.
+
+Paper: "OmniOPD: Logit-Free On-Policy Distillation via Speculative Verification", arXiv 2606.01476
+(only its abstract was available; README.md beside this file gives the equations we use and which
+choices are ours). Each step: the student samples completions (RolloutDataModule); at the
+highest-entropy positions of each completion (:func:`~lit_opd.methods.omni_opd.audits.pick_audits`)
+the teacher continues the prompt and the response so far N times; the student's own next chunk is
+scored by its text similarity to those continuations, becomes a bounded target π̂, and is trained
+toward it, while a KL anchor to the initial student holds every unaudited token in place
+(:class:`~lit_opd.methods.omni_opd.objective.SpeculativeVerification`).
+
+Only text crosses between student and teacher: the teacher may have any tokenizer, and its
+``score`` is never called. It must implement ``generate_text`` (APITeacher, HFTextTeacher, HFTeacher).
+
+Run: ``python -m lit_opd fit --config configs/omni_opd/quickstart.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lit_opd.methods.base import PolicyModule, default_optimizer
+from lit_opd.methods.omni_opd.audits import chunk_mask, pick_audits, repetition_loops
+from lit_opd.methods.omni_opd.objective import AnchorTerms, SpeculativeVerification, Verdicts
+from lit_opd.methods.omni_opd.similarity import semantic_count
+from lit_opd.models import ModelSpec, completion_logits, freeze, load_causal_lm
+from lit_opd.objectives import divergences as D
+from lit_opd.rollout.prompts import eos_ids
+from lit_opd.teachers.base import Teacher
+from lit_opd.types import RolloutBatch
+
+#: One audit as the teacher sees it: (row, start, teacher prefix, chunk text, chunk ends the completion).
+Audit = tuple[int, int, str, str, bool]
+
+
+class OmniOPDModule(PolicyModule):
+    """Logit-free OPD: chunk targets from a text-only teacher, a KL anchor everywhere else.
+
+    Args:
+        student, tokenizer, optimizer, scheduler: see :class:`PolicyModule`.
+        teacher: anything that returns text continuations (``APITeacher``, ``HFTextTeacher``,
+            ``HFTeacher``); its tokenizer may differ from the student's. Never scored, never trained.
+        objective: :class:`SpeculativeVerification` (chunk size, audits, continuations, α, β, φ, ...).
+        seed: seed of the teacher's sampling; step s asks with a seed derived from (seed, s, rank),
+            so a resumed run asks exactly what the unbroken run asked.
+        reference: π_ref of the anchor; None = a frozen copy of the student's initial weights.
+        allow_teacher_change: resume from a checkpoint made with another teacher.
+    """
+
+    def __init__(
+        self,
+        student: ModelSpec | str | nn.Module,
+        teacher: Teacher,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        objective: SpeculativeVerification = lazy_instance(SpeculativeVerification),
+        seed: int = 0,
+        reference: ModelSpec | str | None = None,
+        allow_teacher_change: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if not isinstance(objective, SpeculativeVerification):
+            raise ValueError(f"OmniOPDModule.objective must be a SpeculativeVerification (OmniOPD's loss), "
+                             f"got {type(objective).__name__}; use OPDModule for token-level objectives")
+        if not teacher.generates_text():
+            raise ValueError(
+                f"OmniOPDModule needs a teacher that returns text continuations (generate_text), but "
+                f"{type(teacher).__name__} returns log-probs only. Use APITeacher (any OpenAI-compatible "
+                "server, e.g. `vllm serve` or `transformers serve`), HFTextTeacher or HFTeacher."
+            )
+        super().__init__(student, tokenizer, optimizer, scheduler)
+        # No vocabulary check: only text crosses, so the teacher's tokenizer may be any.
+        self.teacher, self.objective, self.seed = teacher, objective, seed
+        self.allow_teacher_change = allow_teacher_change
+        self._eos = set(eos_ids(self.tokenizer))
+        # A plain dict, so the frozen reference is not registered: never optimised, never saved.
+        ref = load_causal_lm(reference) if reference is not None else copy.deepcopy(self.student)
+        self._frozen: dict[str, nn.Module] = {"reference": freeze(ref)}
+
+    @property
+    def reference(self) -> nn.Module:
+        """π_ref of the anchor (frozen)."""
+        return self._frozen["reference"]
+
+    # ----- placement ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.teacher.connect()  # a remote teacher that is down fails here, naming its URL
+
+    def _place_frozen(self) -> None:
+        self.teacher.to(self.device)
+        self.reference.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_frozen()
+
+    def on_validation_start(self) -> None:
+        self._place_frozen()
+
+    def on_test_start(self) -> None:
+        self._place_frozen()
+
+    # ----- the step -----------------------------------------------------------------------------
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.loss(batch)
+        loops_B = repetition_loops(batch.completion_ids_BT, batch.completion_mask_BT)
+        metrics["repetition_rate"] = loops_B.float().mean()
+        self.log_rollout(batch, {"loss": loss.detach(), **metrics})
+        bar = {k: metrics[k] for k in ("target_mean", "audits_per_seq", "anchor_kl") if k in metrics}
+        self.log_dict(bar, prog_bar=True, logger=False, batch_size=batch.completion_ids_BT.shape[0])
+        stats = self.teacher.stats()
+        if stats:
+            self.log_dict({f"teacher/{k}": float(v) for k, v in stats.items()},
+                          batch_size=batch.completion_ids_BT.shape[0])
+        return loss
+
+    def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
+        """The objective on one RolloutBatch (the teacher is asked here) and detached diagnostics."""
+        logits_BTV = completion_logits(self.student, batch)
+        entropy_BT = D.entropy(logits_BTV.detach())
+        mask_BT = batch.loss_mask_BT.bool()
+        starts = pick_audits(entropy_BT, mask_BT, self.objective.chunk_tokens, self.objective.max_audits)
+        verdicts = self.verify(batch, starts)
+        with torch.no_grad():
+            reference_logits_BTV = completion_logits(self.reference, batch)
+        terms = AnchorTerms(D.token_logprobs(logits_BTV, batch.completion_ids_BT), logits_BTV,
+                            reference_logits_BTV, entropy_BT)
+        loss, metrics = self.objective(batch, terms, verdicts)
+        metrics.update(self._audit_metrics(verdicts, entropy_BT, mask_BT))
+        return loss, metrics
+
+    def score_loss(self, batch: RolloutBatch) -> torch.Tensor:
+        """The training loss on ``batch`` without an update (held-out scoring, e.g. EffOPD)."""
+        return self.loss(batch)[0]
+
+    def _audit_metrics(self, verdicts: Verdicts, entropy_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict:
+        obj = self.objective
+        asked = max(verdicts.requested * obj.num_continuations, 1)
+        sequences = max(int((mask_BT.sum(-1) > 0).sum()), 1)
+        kept = [[] for _ in range(mask_BT.shape[0])]
+        for row, start in zip(verdicts.rows, verdicts.starts):
+            kept[row].append(start)
+        audited_BT = chunk_mask(kept, tuple(mask_BT.shape), obj.chunk_tokens, mask_BT.device)
+        forks_BT = chunk_mask(kept, tuple(mask_BT.shape), 1, mask_BT.device)
+        return {
+            "audits_per_seq": len(verdicts.rows) / sequences,
+            "audits_dropped": float(verdicts.dropped),
+            "teacher_prefixes": float(verdicts.requested),
+            "teacher_unanswered_frac": verdicts.unanswered / asked,
+            "entropy": D.reduce_masked(entropy_BT, mask_BT),
+            "entropy_audited": D.reduce_masked(entropy_BT, forks_BT),
+            "entropy_other": D.reduce_masked(entropy_BT, mask_BT & ~audited_BT),
+        }
+
+    # ----- asking the teacher -------------------------------------------------------------------
+    def query_seed(self) -> int:
+        """The teacher's sampling seed for this step: fixed by (seed, global step, rank)."""
+        return (self.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
+
+    def verify(self, batch: RolloutBatch, starts: list[list[int]]) -> Verdicts:
+        """Ask the teacher to continue every audit's prefix (one ``generate_text`` call, audits in
+        increasing position within each row) and count how far it agrees with each chunk."""
+        audits = self._audit_texts(batch, starts)
+        if not audits:
+            return Verdicts()
+        obj = self.objective
+        answers = self.teacher.generate_text([a[2] for a in audits], max_new_tokens=obj.max_new_tokens,
+                                             num_samples=obj.num_continuations,
+                                             temperature=obj.teacher_temperature, seed=self.query_seed())
+        if len(answers) != len(audits) or any(len(a) != obj.num_continuations for a in answers):
+            raise ValueError(
+                f"{type(self.teacher).__name__}.generate_text returned {[len(a) for a in answers]} "
+                f"continuations for {len(audits)} prefixes; it must return num_samples="
+                f"{obj.num_continuations} entries (None for a failed one) per prefix"
+            )
+        verdicts = Verdicts(requested=len(audits))
+        k_sem, answered = [], []
+        for (row, start, _, chunk, ends), texts in zip(audits, answers):
+            value, count = semantic_count(chunk, texts, obj.similarity_fn, ends)
+            verdicts.unanswered += obj.num_continuations - count
+            if count == 0:  # every request for this audit failed: no evidence, not a zero
+                verdicts.dropped += 1
+                continue
+            verdicts.rows.append(row)
+            verdicts.starts.append(start)
+            k_sem.append(value)
+            answered.append(count)
+        verdicts.k_sem_A, verdicts.answered_A = torch.tensor(k_sem), torch.tensor(answered, dtype=torch.float)
+        return verdicts
+
+    def _audit_texts(self, batch: RolloutBatch, starts: list[list[int]]) -> list[Audit]:
+        """(row, start, teacher prefix, chunk text, chunk ends the completion) per audit, row by row,
+        starts increasing. The prefix is the prompt's text and the response before the chunk, never
+        the chunk itself; the chunk's text is what it adds to that decoded response."""
+        C, tok = self.objective.chunk_tokens, self.tokenizer
+        out = []
+        for row, row_starts in enumerate(starts):
+            if not row_starts:
+                continue
+            prompt_ids = batch.prompt_ids_BP[row][batch.prompt_mask_BP[row].bool()].tolist()
+            prompt = tok.decode(prompt_ids, skip_special_tokens=True)
+            ids = batch.completion_ids_BT[row].tolist()
+            for start in sorted(row_starts):
+                before = tok.decode(ids[:start], skip_special_tokens=True)
+                upto = tok.decode(ids[: start + C], skip_special_tokens=True)
+                chunk = upto[len(before):] if upto.startswith(before) else tok.decode(
+                    ids[start : start + C], skip_special_tokens=True)
+                out.append((row, start, prompt + before, chunk, ids[start + C - 1] in self._eos))
+        return out
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["lit_opd"]["teacher"] = self.teacher.identity()
+        checkpoint["lit_opd"]["objective"] = self.objective.settings()
+        checkpoint["lit_opd"]["teacher_stats"] = self.teacher.stats()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        info = checkpoint.get("lit_opd", {})
+        self.teacher.restore_stats(info.get("teacher_stats", {}))
+        saved, current = info.get("teacher"), self.teacher.identity()
+        if saved is not None and saved != current and not self.allow_teacher_change:
+            raise ValueError(
+                f"This checkpoint was trained with teacher {saved}, but the configured teacher is {current}. "
+                "Resume with the same teacher, or set allow_teacher_change: true to continue with the new "
+                "one on purpose."
+            )
