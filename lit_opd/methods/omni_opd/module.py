@@ -17,19 +17,18 @@ Run: ``python -m lit_opd fit --config configs/omni_opd/quickstart.yaml``.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lit_opd.methods.base import PolicyModule, default_optimizer
+from lit_opd.methods.base import default_optimizer
 from lit_opd.methods.omni_opd.audits import chunk_mask, pick_audits, repetition_loops
 from lit_opd.methods.omni_opd.objective import AnchorTerms, SpeculativeVerification, Verdicts
 from lit_opd.methods.omni_opd.similarity import semantic_count
-from lit_opd.models import ModelSpec, completion_logits, freeze, load_causal_lm
+from lit_opd.methods.taught import TaughtModule
+from lit_opd.models import ModelSpec, completion_logits
 from lit_opd.objectives import divergences as D
 from lit_opd.rollout.prompts import eos_ids
 from lit_opd.teachers.base import Teacher
@@ -39,7 +38,7 @@ from lit_opd.types import RolloutBatch
 Audit = tuple[int, int, str, str, bool]
 
 
-class OmniOPDModule(PolicyModule):
+class OmniOPDModule(TaughtModule):
     """Logit-free OPD: chunk targets from a text-only teacher, a KL anchor everywhere else.
 
     Args:
@@ -74,36 +73,11 @@ class OmniOPDModule(PolicyModule):
                 f"{type(teacher).__name__} returns log-probs only. Use APITeacher (any OpenAI-compatible "
                 "server, e.g. `vllm serve` or `transformers serve`), HFTextTeacher or HFTeacher."
             )
-        super().__init__(student, tokenizer, optimizer, scheduler)
+        super().__init__(student, teacher, tokenizer, objective, allow_teacher_change, optimizer, scheduler)
         # No vocabulary check: only text crosses, so the teacher's tokenizer may be any.
-        self.teacher, self.objective, self.seed = teacher, objective, seed
-        self.allow_teacher_change = allow_teacher_change
+        self.seed = seed
         self._eos = set(eos_ids(self.tokenizer))
-        # A plain dict, so the frozen reference is not registered: never optimised, never saved.
-        ref = load_causal_lm(reference) if reference is not None else copy.deepcopy(self.student)
-        self._frozen: dict[str, nn.Module] = {"reference": freeze(ref)}
-
-    @property
-    def reference(self) -> nn.Module:
-        """π_ref of the anchor (frozen)."""
-        return self._frozen["reference"]
-
-    # ----- placement ----------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        self.teacher.connect()  # a remote teacher that is down fails here, naming its URL
-
-    def _place_frozen(self) -> None:
-        self.teacher.to(self.device)
-        self.reference.to(self.device)
-
-    def on_fit_start(self) -> None:
-        self._place_frozen()
-
-    def on_validation_start(self) -> None:
-        self._place_frozen()
-
-    def on_test_start(self) -> None:
-        self._place_frozen()
+        self.freeze_reference(reference)  # π_ref of the anchor
 
     # ----- the step -----------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
@@ -113,10 +87,7 @@ class OmniOPDModule(PolicyModule):
         self.log_rollout(batch, {"loss": loss.detach(), **metrics})
         bar = {k: metrics[k] for k in ("target_mean", "audits_per_seq", "anchor_kl") if k in metrics}
         self.log_dict(bar, prog_bar=True, logger=False, batch_size=batch.completion_ids_BT.shape[0])
-        stats = self.teacher.stats()
-        if stats:
-            self.log_dict({f"teacher/{k}": float(v) for k, v in stats.items()},
-                          batch_size=batch.completion_ids_BT.shape[0])
+        self.log_teacher_stats(batch)
         return loss
 
     def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
@@ -212,22 +183,3 @@ class OmniOPDModule(PolicyModule):
                     ids[start : start + C], skip_special_tokens=True)
                 out.append((row, start, prompt + before, chunk, ids[start + C - 1] in self._eos))
         return out
-
-    # ----- checkpoints --------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["lit_opd"]["teacher"] = self.teacher.identity()
-        checkpoint["lit_opd"]["objective"] = self.objective.settings()
-        checkpoint["lit_opd"]["teacher_stats"] = self.teacher.stats()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        info = checkpoint.get("lit_opd", {})
-        self.teacher.restore_stats(info.get("teacher_stats", {}))
-        saved, current = info.get("teacher"), self.teacher.identity()
-        if saved is not None and saved != current and not self.allow_teacher_change:
-            raise ValueError(
-                f"This checkpoint was trained with teacher {saved}, but the configured teacher is {current}. "
-                "Resume with the same teacher, or set allow_teacher_change: true to continue with the new "
-                "one on purpose."
-            )

@@ -21,16 +21,15 @@ Run: ``python -m lit_opd fit --config configs/quickstart.yaml``.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lit_opd.methods.base import PolicyModule, default_optimizer
-from lit_opd.models import ModelSpec, check_tokenizers_compatible, completion_logits, freeze, load_causal_lm
+from lit_opd.methods.base import default_optimizer
+from lit_opd.methods.taught import TaughtModule
+from lit_opd.models import ModelSpec, check_tokenizers_compatible, completion_logits
 from lit_opd.objectives import divergences as D
 from lit_opd.objectives.components import Divergence, Objective
 from lit_opd.objectives.paths import answered_only, score_teacher, token_terms
@@ -38,7 +37,7 @@ from lit_opd.teachers.base import Teacher, check_capability
 from lit_opd.types import RolloutBatch, TeacherOutput
 
 
-class OPDModule(PolicyModule):
+class OPDModule(TaughtModule):
     """On-policy distillation from one teacher.
 
     Args:
@@ -69,21 +68,16 @@ class OPDModule(PolicyModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(student, tokenizer, optimizer, scheduler)
+        super().__init__(student, teacher, tokenizer, objective, allow_teacher_change, optimizer, scheduler)
         name = type(self).__name__
         objective_name = objective.component_class().__name__
         check_capability(teacher, objective.needs(), name, f"objective={objective_name}")
         if teacher.tokenizer is not None:
             check_tokenizers_compatible(self.tokenizer, teacher.tokenizer)
         self._check_mix(objective, teacher, lmbda, seq_kd)
-        self.teacher, self.objective = teacher, objective
         self.lmbda, self.seq_kd, self.seed = lmbda, seq_kd, seed
-        self.allow_teacher_change = allow_teacher_change
-        # Frozen helpers live in a plain dict so they are not registered: never optimised or saved.
-        self._frozen: dict[str, nn.Module] = {}
         if objective.uses_reference():
-            ref = load_causal_lm(reference) if reference is not None else copy.deepcopy(self.student)
-            self._frozen["reference"] = freeze(ref)
+            self.freeze_reference(reference)
 
     def _check_mix(self, objective: Objective, teacher: Teacher, lmbda: float, seq_kd: bool) -> None:
         name = type(self).__name__
@@ -112,30 +106,6 @@ class OPDModule(PolicyModule):
         """The model that samples sequence-level KD's teacher completions."""
         return self.teacher.generator()
 
-    @property
-    def reference(self) -> nn.Module | None:
-        """π_ref of G-OPD (frozen; the student's initial weights unless ``reference`` was given), or None."""
-        return self._frozen.get("reference")
-
-    # ----- device placement of frozen models ------------------------------------------------
-    def _place_frozen(self) -> None:
-        self.teacher.to(self.device)
-        for model in self._frozen.values():
-            model.to(self.device)
-
-    def setup(self, stage: str) -> None:
-        # A remote teacher that is down fails here, naming its URL, before any rollout is spent.
-        self.teacher.connect()
-
-    def on_fit_start(self) -> None:
-        self._place_frozen()
-
-    def on_validation_start(self) -> None:
-        self._place_frozen()
-
-    def on_test_start(self) -> None:
-        self._place_frozen()
-
     # ----- the step -------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
         teacher_out = self.score_teacher(batch)
@@ -145,12 +115,6 @@ class OPDModule(PolicyModule):
         self.log_teacher_stats(batch)
         return loss
 
-    def log_teacher_stats(self, batch: RolloutBatch) -> None:
-        """The teacher's running request counters (remote teachers), as ``teacher/<key>``."""
-        stats = self.teacher.stats()
-        if stats:
-            self.log_dict({f"teacher/{k}": float(v) for k, v in stats.items()},
-                          batch_size=batch.completion_ids_BT.shape[0])
 
     def rollout_metrics(self, batch: RolloutBatch) -> dict[str, torch.Tensor | float]:
         """Extra per-step diagnostics of the training rollouts, logged as ``train/<key>`` (none here)."""
@@ -184,22 +148,3 @@ class OPDModule(PolicyModule):
     def reference_logp(self, batch: RolloutBatch) -> torch.Tensor:
         """log π_ref of the completion tokens: (B, T)."""
         return D.token_logprobs(completion_logits(self.reference, batch), batch.completion_ids_BT)
-
-    # ----- teacher identity in checkpoints --------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["lit_opd"]["teacher"] = self.teacher.identity()
-        checkpoint["lit_opd"]["objective"] = self.objective.settings()
-        checkpoint["lit_opd"]["teacher_stats"] = self.teacher.stats()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.teacher.restore_stats(checkpoint.get("lit_opd", {}).get("teacher_stats", {}))
-        saved = checkpoint.get("lit_opd", {}).get("teacher")
-        current = self.teacher.identity()
-        if saved is not None and saved != current and not self.allow_teacher_change:
-            raise ValueError(
-                f"This checkpoint was trained with teacher {saved}, but the configured teacher is "
-                f"{current}. Resume with the same teacher, or set allow_teacher_change: true to continue "
-                "with the new one on purpose."
-            )
