@@ -6,11 +6,14 @@ it is still importable from here (and ``lit_opd.tasks.RankingTask`` in YAML keep
 
 from lit_opd.tasks.base import Task
 from lit_opd.tasks.addition import AdditionTask
+from lit_opd.tasks.carry_addition import CarryAdditionTask, carry_bpe_tokenizer
 from lit_opd.tasks.tokenizer import char_tokenizer
 
 _RANKING_NAMES = ("RankingTask", "ndcg_at_k", "parse_ranking", "structural_positions")
 
-__all__ = ["Task", "AdditionTask", "char_tokenizer", *_RANKING_NAMES]
+__all__ = [
+    "Task", "AdditionTask", "CarryAdditionTask", "carry_bpe_tokenizer", "char_tokenizer", *_RANKING_NAMES
+]
 
 
 def __getattr__(name: str):  # noqa: ANN202 - PEP 562: imported on first use, avoiding an import cycle
