@@ -96,8 +96,12 @@ class TaughtModule(PolicyModule):
         self.teacher.restore_stats(info.get("teacher_stats", {}))
         saved, current = info.get("teacher"), self.teacher.identity()
         if saved is not None and saved != current and not self.allow_teacher_change:
-            raise ValueError(
-                f"This checkpoint was trained with teacher {saved}, but the configured teacher is "
-                f"{current}. Resume with the same teacher, or set allow_teacher_change: true to continue "
-                "with the new one on purpose."
-            )
+            raise ValueError(self.teacher_change_message(saved, current))
+
+    def teacher_change_message(self, saved: dict, current: dict) -> str:
+        """The error for a resume whose teacher identity differs from the checkpoint's."""
+        return (
+            f"This checkpoint was trained with teacher {saved}, but the configured teacher is {current}. "
+            "Resume with the same teacher, or set allow_teacher_change: true to continue with the new one "
+            "on purpose."
+        )

@@ -321,11 +321,17 @@ def generation_context(trainer) -> contextlib.AbstractContextManager:  # noqa: A
     return stack
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A seed unique to (seed, global step, rank): what a step samples (rollouts, a teacher's text)
+    is fixed by it, so a resumed run draws exactly what the unbroken run drew."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
 def rollout_seed(seed: int, step: int, rank: int, source: str) -> int:
     """A generator seed unique to (seed, step, rank, source) and stable across processes
     (unlike ``hash`` of a string, which Python randomises per process)."""
     code = ("student", "teacher", "greedy").index(source)
-    return ((seed * 1_000_003 + step) * 4099 + rank) * 4 + code
+    return step_seed(seed, step, rank) * 4 + code
 
 
 def dataset_completions(batch: PromptBatch, pad_id: int) -> RolloutBatch:

@@ -27,7 +27,7 @@ class AdditionTask(Task):
     def __init__(self, min_digits: int = 1, max_digits: int = 3, reverse_answer: bool = False) -> None:
         if not 1 <= min_digits <= max_digits:
             raise ValueError(
-                f"AdditionTask needs 1 <= min_digits <= max_digits, got min_digits={min_digits}, "
+                f"{type(self).__name__} needs 1 <= min_digits <= max_digits, got min_digits={min_digits}, "
                 f"max_digits={max_digits}"
             )
         self.min_digits = min_digits
@@ -43,9 +43,13 @@ class AdditionTask(Task):
         rows = []
         for _ in range(num_rows):
             a, b = self._operand(rng), self._operand(rng)
-            answer = str(a + b)
-            rows.append({"prompt": f"{a}+{b}=", "answer": answer[::-1] if self.reverse_answer else answer})
+            rows.append({"prompt": f"{a}+{b}=", "answer": self.answer(a, b)})
         return rows
+
+    def answer(self, a: int, b: int) -> str:
+        """The reference answer for ``a+b``."""
+        answer = str(a + b)
+        return answer[::-1] if self.reverse_answer else answer
 
     def verify(self, completion: str, answer: str | None) -> bool:
         return answer is not None and completion.strip() == answer

@@ -18,13 +18,12 @@ a teacher that only exchanges text with a character-level student.
 
 from __future__ import annotations
 
-import random
 import string
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lit_opd.tasks.base import Task
+from lit_opd.tasks.addition import AdditionTask
 from lit_opd.tasks.tokenizer import SPECIAL_TOKENS
 
 SEPARATOR = "|"
@@ -51,7 +50,7 @@ def final_result(text: str) -> str:
     return text.strip().rsplit(SEPARATOR, 1)[-1].strip()
 
 
-class CarryAdditionTask(Task):
+class CarryAdditionTask(AdditionTask):
     """Sums of two non-negative integers of ``min_digits``..``max_digits`` digits each, answered with
     the column-by-column carry trace of :func:`carry_trace`.
 
@@ -62,26 +61,12 @@ class CarryAdditionTask(Task):
     """
 
     def __init__(self, min_digits: int = 2, max_digits: int = 4, strict: bool = False) -> None:
-        if not 1 <= min_digits <= max_digits:
-            raise ValueError(
-                f"CarryAdditionTask needs 1 <= min_digits <= max_digits, got min_digits={min_digits}, "
-                f"max_digits={max_digits}"
-            )
-        self.min_digits = min_digits
-        self.max_digits = max_digits
+        # The operands are AdditionTask's (same seeded draws); only the answer and verifier differ.
+        super().__init__(min_digits, max_digits, reverse_answer=False)
         self.strict = strict
 
-    def _operand(self, rng: random.Random) -> int:
-        digits = rng.randint(self.min_digits, self.max_digits)
-        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
-
-    def make_rows(self, num_rows: int, seed: int) -> list[dict]:
-        rng = random.Random(seed)
-        rows = []
-        for _ in range(num_rows):
-            a, b = self._operand(rng), self._operand(rng)
-            rows.append({"prompt": f"{a}+{b}=", "answer": carry_trace(a, b)})
-        return rows
+    def answer(self, a: int, b: int) -> str:
+        return carry_trace(a, b)
 
     def verify(self, completion: str, answer: str | None) -> bool:
         if answer is None:

@@ -216,11 +216,11 @@ class APITeacher(Teacher):
             kwargs["seed"] = settings["seed"] + req.first
         if self.mode == "completions":
             answer = client.completions.create(prompt=prefix, **kwargs)
-            texts = [choice.text for choice in answer.choices or []]
+            texts = [getattr(choice, "text", None) for choice in _choices(answer)]
         else:
             messages = continue_messages(prefix, self.continue_instruction, self.system_prompt)
             answer = client.chat.completions.create(messages=messages, **kwargs)
-            texts = [choice.message.content for choice in answer.choices or []]
+            texts = [getattr(getattr(c, "message", None), "content", None) for c in _choices(answer)]
         if not texts or not all(t is None or isinstance(t, str) for t in texts):
             raise MalformedAnswer(f"expected text choices, got {str(answer)[:200]}")
         tokens = getattr(getattr(answer, "usage", None), "total_tokens", None) or 0
@@ -253,3 +253,12 @@ def _check_settings(**settings: Any) -> None:
                   "continuation only)")
     if settings["system_prompt"] is not None and not isinstance(settings["system_prompt"], str):
         raise bad("system_prompt", "must be a string, or null for no system message")
+
+
+def _choices(answer: Any) -> list:
+    """The answer's choices; a body the SDK could not read as a completion (e.g. a non-JSON text
+    body, which it returns as a string) is malformed and retried."""
+    choices = getattr(answer, "choices", None)
+    if not isinstance(choices, list):
+        raise MalformedAnswer(f"expected a completion with choices, got {str(answer)[:200]}")
+    return choices

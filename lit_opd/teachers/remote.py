@@ -11,6 +11,7 @@ through :meth:`RemoteCalls.redact` first.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -222,8 +223,9 @@ class RemoteCalls:
                 return 0.0
             self._count("http_4xx")
             return None
-        elif isinstance(err, (MalformedAnswer, openai.APIResponseValidationError, ValueError, KeyError,
-                              TypeError, AttributeError, IndexError)):
+        elif isinstance(err, (MalformedAnswer, openai.APIResponseValidationError, json.JSONDecodeError)):
+            # Only bodies the request callable or the SDK rejected: a bug in our own parsing must raise,
+            # not turn every answer into "no answer" while the run goes on.
             self._count("malformed")
         else:
             raise err

@@ -116,6 +116,19 @@ def test_malformed_answer_is_retried(proxy, fault):
     assert counts(remote, "malformed", "retries", "failed") == {"malformed": 1, "retries": 1, "failed": 0}
 
 
+def test_a_bug_in_the_request_callable_raises_instead_of_counting_as_no_answer(proxy):
+    """Only bodies rejected as malformed are retried; our own code's errors must not be swallowed."""
+    remote = remote_for(proxy.root)
+
+    def buggy(client):  # noqa: ANN001, ANN202
+        complete(client)
+        return None + 1  # a TypeError in the caller's parsing
+
+    with pytest.raises(TypeError):
+        remote.call(buggy)
+    assert counts(remote, "malformed", "failed", "retries") == {"malformed": 0, "failed": 0, "retries": 0}
+
+
 def test_dropped_connection_is_retried(proxy):
     proxy.plan(["drop", "drop"])
     remote = remote_for(proxy.root)

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lit_opd.methods.base import PolicyModule, default_optimizer
+from lit_opd.methods.base import default_optimizer
 from lit_opd.methods.mad_opd.debate import LABELS, DebateSettings, answer_confidence, forced_batch, run_debate
 from lit_opd.methods.mad_opd.weights import (
     confidence_weights, covered_mask, fixed_weights, masked_row_mean, mix, reduce_samples, sample_divergences,
@@ -37,6 +37,7 @@ from lit_opd.models import ModelSpec, check_tokenizers_compatible, completion_lo
 from lit_opd.objectives import divergences as D
 from lit_opd.objectives.components import Divergence
 from lit_opd.objectives.paths import teacher_token_logp
+from lit_opd.rollout.datamodule import step_seed
 from lit_opd.teachers.base import Teacher, check_capability
 from lit_opd.teachers.group import TeacherGroup, check_routes
 from lit_opd.types import RolloutBatch, TeacherOutput
@@ -228,7 +229,7 @@ class MADOPDModule(OPDModule):
     def debate_seed(self) -> int:
         """The debate's sampling seed for this step: fixed by (seed, global step, rank), so a resumed
         run's debates repeat the unbroken run's."""
-        return (self.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
+        return step_seed(self.seed, self.global_step, self.global_rank)
 
     def _confidences(self, result) -> Tensor:  # noqa: ANN001 - a DebateResult
         """c (N, K): the tags, or where the settings say so each teacher's own answer likelihood."""
@@ -312,20 +313,19 @@ class MADOPDModule(OPDModule):
         super().on_save_checkpoint(checkpoint)  # teacher identities (by name), objective, stats
         checkpoint["lit_opd"]["mad_opd"] = self.settings()
 
+    def teacher_change_message(self, saved: dict, current: dict) -> str:
+        """Names the group members that differ, not the whole group's identity."""
+        names = sorted(set(saved) | set(current)) if isinstance(saved, dict) else sorted(current)
+        changed = {n: {"saved": saved.get(n), "now": current.get(n)}
+                   for n in names if saved.get(n) != current.get(n)}
+        return (
+            f"This checkpoint was trained with other teachers: {changed}. Resume with the same teachers "
+            "(names included), or set allow_teacher_change: true to continue with the new ones on purpose."
+        )
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        PolicyModule.on_load_checkpoint(self, checkpoint)  # OPDModule's teacher check, but naming members
+        super().on_load_checkpoint(checkpoint)  # student, teacher stats, the teacher check above
         info = checkpoint.get("lit_opd", {})
-        self.teacher.restore_stats(info.get("teacher_stats", {}))
-        saved, current = info.get("teacher"), self.teacher.identity()
-        if saved is not None and saved != current and not self.allow_teacher_change:
-            names = sorted(set(saved) | set(current)) if isinstance(saved, dict) else sorted(current)
-            changed = {n: {"saved": saved.get(n), "now": current.get(n)}
-                       for n in names if saved.get(n) != current.get(n)}
-            raise ValueError(
-                f"This checkpoint was trained with other teachers: {changed}. Resume with the same teachers "
-                "(names included), or set allow_teacher_change: true to continue with the new ones on "
-                "purpose."
-            )
         if info.get("mad_opd") not in (None, self.settings()):
             rank_zero_warn(f"MADOPDModule: resuming with other settings ({info['mad_opd']} -> "
                            f"{self.settings()})")

@@ -30,6 +30,7 @@ from lit_opd.methods.omni_opd.similarity import semantic_count
 from lit_opd.methods.taught import TaughtModule
 from lit_opd.models import ModelSpec, completion_logits
 from lit_opd.objectives import divergences as D
+from lit_opd.rollout.datamodule import step_seed
 from lit_opd.rollout.prompts import eos_ids
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch
@@ -131,7 +132,7 @@ class OmniOPDModule(TaughtModule):
     # ----- asking the teacher -------------------------------------------------------------------
     def query_seed(self) -> int:
         """The teacher's sampling seed for this step: fixed by (seed, global step, rank)."""
-        return (self.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
+        return step_seed(self.seed, self.global_step, self.global_rank)
 
     def verify(self, batch: RolloutBatch, starts: list[list[int]]) -> Verdicts:
         """Ask the teacher to continue every audit's prefix (one ``generate_text`` call, audits in
