@@ -12,7 +12,7 @@ from lit_opd.methods.list_opd import (
 )
 from lit_opd.models import ModelSpec
 from lit_opd.objectives import Divergence, Objective, SampledReward
-from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule, TaskPrompts
+from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule, TaskPrompts, TurnPrompts
 from lit_opd.teachers import APITeacher, HFTeacher, HFTextTeacher, ServerTeacher, Teacher, TeacherGroup
 from lit_opd.types import RolloutBatch, SamplingParams, TeacherCapability, TeacherOutput
 
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OPDModule", "OmniOPDModule", "MADOPDModule", "TeacherGroup", "SFTModule", "PolicyModule", "ModelSpec", "RolloutDataModule", "JsonlPrompts",
-    "ListPrompts", "TaskPrompts", "HFTeacher", "ServerTeacher", "APITeacher", "HFTextTeacher", "Teacher", "RolloutBatch", "SamplingParams",
+    "ListPrompts", "TaskPrompts", "TurnPrompts", "HFTeacher", "ServerTeacher", "APITeacher", "HFTextTeacher", "Teacher", "RolloutBatch", "SamplingParams",
     "TeacherCapability", "TeacherOutput", "lambda_star", "lambda_star_kary", "q_star",
     "AccuracyReport", "EffOPDCallback", "HealthGuard", "UserError", "NonFiniteError", "TeacherUnreachable", "UpdateDynamicsCallback", "ListOPDModule", "calibrate",
     "CalibrationReport", "Objective", "Divergence", "SampledReward", "BaseRelativeClip",

@@ -2,6 +2,11 @@
 
 from lit_opd.rollout.datamodule import RolloutDataModule
 from lit_opd.rollout.sampling import SampleOutput, sample
+from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler
 from lit_opd.rollout.sources import JsonlPrompts, ListPrompts, PromptSource, TaskPrompts
+from lit_opd.rollout.turns import TurnPrompts, split_turns
 
-__all__ = ["RolloutDataModule", "sample", "SampleOutput", "PromptSource", "JsonlPrompts", "ListPrompts", "TaskPrompts"]
+__all__ = [
+    "RolloutDataModule", "sample", "SampleOutput", "PromptSource", "JsonlPrompts", "ListPrompts", "TaskPrompts",
+    "TurnPrompts", "split_turns", "GroupedPromptSampler", "ResumablePromptSampler",
+]

@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts, decode_completions, eos_ids
-from lit_opd.rollout.sampler import ResumablePromptSampler
+from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler
 from lit_opd.rollout.sampling import sample
 from lit_opd.rollout.sources import PromptSource
+from lit_opd.rollout.turns import row_groups
 from lit_opd.types import PromptBatch, RolloutBatch, SamplingParams
 
 RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
@@ -50,6 +51,10 @@ class RolloutDataModule(L.LightningDataModule):
         seed: shuffling and sampling seed (identical streams on resume).
         num_workers: DataLoader workers (prompts are small; 0 is usually right).
         tokenizer: tokenizer path; None takes the attached method's ``tokenizer``.
+        group_field: keep the rows that share this field's value together and in ``turn_index``
+            order (the turns of one trajectory, ``TurnPrompts``' ``group_id``): groups are shuffled
+            and dealt whole to ranks (:class:`GroupedPromptSampler`), and a validation split takes
+            whole groups. None = rows shuffled one by one.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class RolloutDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         tokenizer: str | None = None,
+        group_field: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -87,6 +93,7 @@ class RolloutDataModule(L.LightningDataModule):
             system_prompt=system_prompt,
         )
         self.seed, self.num_workers, self.tokenizer_path = seed, num_workers, tokenizer
+        self.group_field = group_field
         self.tokenizer = None
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
@@ -102,16 +109,7 @@ class RolloutDataModule(L.LightningDataModule):
         rows = self.source.load()
         val_rows = self.val_source.load() if self.val_source is not None else []
         if self.val_source is None and self.val_size > 0:
-            n_val = int(self.val_size) if self.val_size >= 1 else max(1, round(len(rows) * self.val_size))
-            if n_val >= len(rows):
-                raise ValueError(
-                    f"RolloutDataModule.val_size={self.val_size} leaves no training rows out of {len(rows)}; "
-                    "lower val_size or pass val_source"
-                )
-            # The split is fixed by the seed, so a resumed run validates on the same rows.
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
-            val_rows = [rows[i] for i in order[:n_val]]
-            rows = [rows[i] for i in sorted(order[n_val:])]
+            rows, val_rows = self._split_validation(rows)
         self.train_rows = encode.rows(rows, "training")
         self.val_rows = encode.rows(val_rows, "validation") if val_rows else []
         trainer = getattr(self, "trainer", None)
@@ -123,6 +121,26 @@ class RolloutDataModule(L.LightningDataModule):
             # other LightningModules attached to this datamodule know nothing of it.
             if isinstance(module, PolicyModule):
                 module.connect_prompts(encode, self.train_rows, self.val_rows)
+
+    def _split_validation(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """(training rows, validation rows): ``val_size`` rows — or, with ``group_field``, groups, so no
+        trajectory has turns on both sides — drawn with the seed, so a resumed run validates on the same
+        rows."""
+        if self.group_field:
+            groups = row_groups([{"row": row} for row in rows], self.group_field, "training")
+        else:
+            groups = [[i] for i in range(len(rows))]
+        n_val = int(self.val_size) if self.val_size >= 1 else max(1, round(len(groups) * self.val_size))
+        if n_val >= len(groups):
+            unit = "groups" if self.group_field else "rows"
+            raise ValueError(
+                f"RolloutDataModule.val_size={self.val_size} leaves no training {unit} out of {len(groups)}; "
+                "lower val_size or pass val_source"
+            )
+        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        val = [i for g in order[:n_val] for i in groups[g]]
+        train = sorted(i for g in order[n_val:] for i in groups[g])
+        return [rows[i] for i in train], [rows[i] for i in val]
 
     def _resolve_tokenizer(self):  # noqa: ANN202
         trainer = getattr(self, "trainer", None)
@@ -148,14 +166,18 @@ class RolloutDataModule(L.LightningDataModule):
         # here the DataModule's state_dict restores the exact prompt position, so it is not.
         warnings.filterwarnings("ignore", message=RESUME_WARNING)
         trainer = getattr(self, "trainer", None)
-        sampler = ResumablePromptSampler(
-            len(self.train_rows),
+        position = dict(
             seed=self.seed,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
             resume_epoch=self._epoch_position["epoch"],
             resume_skip=self._epoch_position["batches_done"] * self.batch_size,
         )
+        if self.group_field:
+            groups = row_groups(self.train_rows, self.group_field, "training")
+            sampler = GroupedPromptSampler(groups, **position)
+        else:
+            sampler = ResumablePromptSampler(len(self.train_rows), **position)
         return self._loader(self.train_rows, self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -8,11 +8,13 @@ from lit_opd.tasks.base import Task
 from lit_opd.tasks.addition import AdditionTask
 from lit_opd.tasks.carry_addition import CarryAdditionTask, carry_bpe_tokenizer
 from lit_opd.tasks.tokenizer import char_tokenizer
+from lit_opd.tasks.tool_calc import ToolCalcTask, tool_calc_tokenizer
 
 _RANKING_NAMES = ("RankingTask", "ndcg_at_k", "parse_ranking", "structural_positions")
 
 __all__ = [
-    "Task", "AdditionTask", "CarryAdditionTask", "carry_bpe_tokenizer", "char_tokenizer", *_RANKING_NAMES
+    "Task", "AdditionTask", "CarryAdditionTask", "carry_bpe_tokenizer", "char_tokenizer", "ToolCalcTask",
+    "tool_calc_tokenizer", *_RANKING_NAMES
 ]
 
 
