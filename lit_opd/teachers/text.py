@@ -20,6 +20,10 @@ from lit_opd.teachers.hf import local_identity
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
 
 
+#: Usage counters of a local text teacher (logged as ``teacher/<key>``; ``tokens`` = prompt + completion).
+TEXT_COUNTERS = ("calls", "samples", "prompt_tokens", "completion_tokens", "tokens")
+
+
 class HFTextTeacher(Teacher):
     """Text continuations from a local causal LM's ``generate``.
 
@@ -61,6 +65,9 @@ class HFTextTeacher(Teacher):
                              "has one")
         self.model = freeze(load_causal_lm(model))
         self.name = name or (self.spec.path if self.spec else type(self.model).__name__)
+        # What this teacher has cost, counted like a server's usage: one call per prefix, its prompt
+        # tokens once plus every sampled token up to and including the end token.
+        self.counts = dict.fromkeys(TEXT_COUNTERS, 0)
 
     # ----- protocol -----------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> HFTextTeacher:
@@ -70,6 +77,13 @@ class HFTextTeacher(Teacher):
 
     def score(self, batch: RolloutBatch) -> TeacherOutput:  # noqa: ARG002 - nothing to score with
         raise no_logprobs("HFTextTeacher")
+
+    def stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.counts.items()}
+
+    def restore_stats(self, stats: dict[str, float]) -> None:
+        for key in TEXT_COUNTERS:
+            self.counts[key] = int(stats.get(key, self.counts[key]))
 
     def identity(self) -> dict:
         ident = local_identity(self)
@@ -117,10 +131,24 @@ class HFTextTeacher(Teacher):
         if self.stop:  # stop early; the overshoot to the end of the matching token is cut below
             kwargs.update(stop_strings=self.stop, tokenizer=self.tokenizer)
         ids = self.model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
+        self._count_usage(enc["attention_mask"], ids, num_samples if sampling else 1)
         decoded = [cut_at_stop(t, self.stop) for t in
                    self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
         per = num_samples if sampling else 1
         return [decoded[i * per : (i + 1) * per] * (num_samples // per) for i in range(len(texts))]
+
+    def _count_usage(self, prompt_mask_BP: torch.Tensor, ids_NT: torch.Tensor, per_prompt: int) -> None:
+        """Add one generate call's prompts and sampled tokens (each up to its first end token) to
+        ``counts``; the padding after an end token is not a token the teacher produced."""
+        ends_NT = torch.isin(ids_NT, torch.tensor(self._eos_ids() or [-1], device=ids_NT.device))
+        after_end_NT = (ends_NT.cumsum(-1) - ends_NT.long()) > 0
+        sampled = int((~after_end_NT).sum()) if ids_NT.numel() else 0
+        prompt = int(prompt_mask_BP.sum())
+        self.counts["calls"] += prompt_mask_BP.shape[0]
+        self.counts["samples"] += prompt_mask_BP.shape[0] * per_prompt
+        self.counts["prompt_tokens"] += prompt
+        self.counts["completion_tokens"] += sampled
+        self.counts["tokens"] += prompt + sampled
 
     def _eos_ids(self) -> list[int]:
         """The tokenizer's EOS and the model's own end tokens (chat models often end turns with one the

@@ -43,6 +43,19 @@ def test_greedy_answers_of_the_trained_teacher(trained):
     assert trained.identity()["path"] == TEACHER and trained.identity()["class"] == "HFTextTeacher"
 
 
+def test_usage_counts_prompts_and_sampled_tokens_up_to_the_end_token():
+    teacher = HFTextTeacher(ModelSpec(path=TEACHER), batch_size=3)
+    teacher.generate_text(list(GREEDY), max_new_tokens=6, num_samples=2, temperature=0.0)
+    prompt_tokens = sum(len(teacher.tokenizer(p)["input_ids"]) for p in GREEDY)
+    answer_tokens = sum(len(a) + 1 for a in GREEDY.values())  # one char a token, plus the end token
+    assert teacher.stats() == {"calls": 4.0, "samples": 4.0, "prompt_tokens": float(prompt_tokens),
+                               "completion_tokens": float(answer_tokens),
+                               "tokens": float(prompt_tokens + answer_tokens)}
+    resumed = HFTextTeacher(teacher.model, tokenizer=teacher.tokenizer)
+    resumed.restore_stats(teacher.stats())
+    assert resumed.stats() == teacher.stats()
+
+
 def test_sampling_gives_num_samples_texts_of_digits(trained):
     texts = trained.generate_text(["63+4=", "12+3="], max_new_tokens=6, num_samples=3, temperature=1.0,
                                   seed=1)
