@@ -4,9 +4,9 @@ from lit_opd.rollout.datamodule import RolloutDataModule
 from lit_opd.rollout.sampling import SampleOutput, sample
 from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler
 from lit_opd.rollout.sources import JsonlPrompts, ListPrompts, PromptSource, TaskPrompts
-from lit_opd.rollout.turns import TurnPrompts, split_turns
+from lit_opd.rollout.turns import EpisodeRolloutDataModule, TurnPrompts, split_turns
 
 __all__ = [
     "RolloutDataModule", "sample", "SampleOutput", "PromptSource", "JsonlPrompts", "ListPrompts", "TaskPrompts",
-    "TurnPrompts", "split_turns", "GroupedPromptSampler", "ResumablePromptSampler",
+    "TurnPrompts", "split_turns", "EpisodeRolloutDataModule", "GroupedPromptSampler", "ResumablePromptSampler",
 ]

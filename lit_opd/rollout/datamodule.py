@@ -22,10 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts, decode_completions, eos_ids
-from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler
+from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler, row_groups
 from lit_opd.rollout.sampling import sample
 from lit_opd.rollout.sources import PromptSource
-from lit_opd.rollout.turns import row_groups
 from lit_opd.types import PromptBatch, RolloutBatch, SamplingParams
 
 RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
@@ -239,18 +238,27 @@ class RolloutDataModule(L.LightningDataModule):
         model.eval()
         try:
             with generation_context(trainer):
-                out = sample(
-                    model,
-                    batch.prompt_ids_BP,
-                    batch.prompt_mask_BP,
-                    params,
-                    eos_token_ids=eos_ids(self.tokenizer),
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    generator=generator,
-                    all_ranks_done=ranks_agree(trainer),
-                )
+                return self.complete(model, batch, params, generator, source)
         finally:
             model.train(was_training)
+
+    def complete(
+        self, model: torch.nn.Module, batch: PromptBatch, params: SamplingParams, generator: torch.Generator,
+        source: str,
+    ) -> RolloutBatch:
+        """Sample ``batch``'s completions from ``model`` (in eval mode, under the trainer's precision):
+        the one step a multi-turn rollout (``lit_opd.rollout.turns.EpisodeRolloutDataModule``) replaces."""
+        trainer = getattr(self, "trainer", None)
+        out = sample(
+            model,
+            batch.prompt_ids_BP,
+            batch.prompt_mask_BP,
+            params,
+            eos_token_ids=eos_ids(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id,
+            generator=generator,
+            all_ranks_done=ranks_agree(trainer),
+        )
         G = params.num_samples
         return RolloutBatch(
             prompt_ids_BP=batch.prompt_ids_BP.repeat_interleave(G, 0),

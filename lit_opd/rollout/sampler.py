@@ -87,3 +87,19 @@ class GroupedPromptSampler(ResumablePromptSampler):
         skip = self._skip()
         self.resume_skip = 0 if skip else self.resume_skip
         return iter(mine[skip:])
+
+
+def row_groups(records: list[dict], group_field: str, split: str) -> list[list[int]]:
+    """Indices of ``records`` (each with its source ``row``, as PromptTokenizer encodes them) grouped by
+    ``row[group_field]``, groups in order of first appearance, each group's indices ordered by the
+    row's ``turn_index`` (when rows have one) and then by position."""
+    groups: dict[object, list[int]] = {}
+    for index, record in enumerate(records):
+        row = record["row"]
+        if group_field not in row:
+            raise ValueError(f"RolloutDataModule.group_field={group_field!r}: {split} row {index} has no "
+                             f"{group_field!r} field; give every row one (TurnPrompts does) or set "
+                             "group_field: null")
+        groups.setdefault(row[group_field], []).append(index)
+    turn = [record["row"].get("turn_index", 0) for record in records]
+    return [sorted(members, key=lambda i: (turn[i], i)) for members in groups.values()]

@@ -8,7 +8,7 @@ history that came from the data, so one wrong step does not derail the later one
 ("teacher_forcing"). Tool outputs live only in the prompt and are never trained on.
 
 ``mode: full`` instead yields one row per trajectory, its history up to the first assistant turn,
-and the student plays every turn against the tool (:mod:`lit_opd.rollout.episodes`).
+and the student plays every turn against the tool (:class:`EpisodeRolloutDataModule`).
 
 Turns of a trajectory share ``group_id``; ``RolloutDataModule(group_field="group_id")`` keeps them
 together and in order (:class:`~lit_opd.rollout.sampler.GroupedPromptSampler`).
@@ -20,8 +20,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import torch
+
+from lit_opd.rollout.datamodule import RolloutDataModule
+from lit_opd.rollout.prompts import eos_ids
+from lit_opd.rollout.sampling import sample
 from lit_opd.rollout.sources import PromptSource
 from lit_opd.tasks.base import Task
+from lit_opd.types import RolloutBatch
 
 ROLES = ("system", "user", "assistant", "tool")
 TURN_FIELDS = ("messages", "answer", "group_id", "turn_index", "num_turns")
@@ -55,7 +61,8 @@ def split_turns(
                          "start the trajectory with a system or user message")
     return [
         {**(extra or {}), "messages": [dict(m) for m in messages[:index]],
-         "answer": messages[index]["content"], "group_id": group_id, "turn_index": turn, "num_turns": len(turns)}
+         "answer": messages[index]["content"], "group_id": group_id, "turn_index": turn,
+         "num_turns": len(turns)}
         for turn, index in enumerate(turns)
     ]
 
@@ -121,18 +128,111 @@ class TurnPrompts(PromptSource):
             return self.task.verify(completion, answer)
         return super().verify(completion, answer)
 
+    def respond(self, assistant_text: str) -> str | None:
+        """The tool's reply to a generated turn (None: no call, the episode ends), for mode full."""
+        respond = getattr(self.task, "respond", None)
+        if respond is None:
+            raise ValueError("TurnPrompts mode full needs a task with a tool (a respond(text) method, e.g. "
+                             "ToolCalcTask); recorded JSONL trajectories have no tool to call")
+        return respond(assistant_text)
 
-def row_groups(records: list[dict], group_field: str, split: str) -> list[list[int]]:
-    """Indices of ``records`` (each with its source ``row``, as PromptTokenizer encodes them) grouped by
-    ``row[group_field]``, groups in order of first appearance, each group's indices ordered by the
-    row's ``turn_index`` (when rows have one) and then by position."""
-    groups: dict[object, list[int]] = {}
-    for index, record in enumerate(records):
-        row = record["row"]
-        if group_field not in row:
-            raise ValueError(f"RolloutDataModule.group_field={group_field!r}: {split} row {index} has no "
-                             f"{group_field!r} field; give every row one (TurnPrompts does) or set "
-                             "group_field: null")
-        groups.setdefault(row[group_field], []).append(index)
-    turn = [record["row"].get("turn_index", 0) for record in records]
-    return [sorted(members, key=lambda i: (turn[i], i)) for members in groups.values()]
+
+# ----- mode "full": the student plays every turn against the tool ---------------------------------
+def tool_reply_ids(tokenizer, assistant_text: str, reply: str) -> list[int]:  # noqa: ANN001
+    """The tokens that follow a finished assistant turn (its end-of-turn token already generated): the
+    tool message and the next generation prompt, as the chat template renders them after that turn."""
+    turn = [{"role": "assistant", "content": assistant_text}]
+    before = tokenizer.apply_chat_template(turn, tokenize=False)
+    after = tokenizer.apply_chat_template([*turn, {"role": "tool", "content": reply}],
+                                          add_generation_prompt=True, tokenize=False)
+    if not after.startswith(before):
+        raise ValueError("EpisodeRolloutDataModule: the chat template renders an assistant turn differently "
+                         "once a tool message follows it; use a template that only appends later messages")
+    # What the template writes after the end-of-turn token (e.g. a newline) was not generated: add it here.
+    eos = tokenizer.eos_token
+    tail = before[before.rfind(eos) + len(eos):] if eos and eos in before else ""
+    return tokenizer(tail + after[len(before):], add_special_tokens=False)["input_ids"]
+
+
+class EpisodeRolloutDataModule(RolloutDataModule):
+    """A RolloutDataModule for ``TurnPrompts(mode="full")``: the student writes an assistant turn, the
+    source's tool answers it (``respond``), the tool's message and the next generation prompt are
+    appended, and the student goes on, until a turn calls no tool or ``max_turns`` turns are written.
+
+    The completion holds every generated turn *and* the tool spans between them; ``loss_mask_BT`` is
+    False on the tool spans (and their sampler log-probs are 0), so the objective never trains on
+    them, while the teacher and the student still read them as context. Validation grades the last
+    turn. Other settings: :class:`RolloutDataModule`; ``sampling.max_new_tokens`` limits each turn.
+    """
+
+    def __init__(self, *args, max_turns: int = 10, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        if max_turns < 1:
+            raise ValueError(f"EpisodeRolloutDataModule.max_turns must be >= 1, got {max_turns}")
+        self.max_turns = max_turns
+
+    def complete(self, model, batch, params, generator, source):  # noqa: ANN001, ANN201 - see the base
+        if params.num_samples != 1:
+            raise ValueError("EpisodeRolloutDataModule plays one episode per prompt; set "
+                             "sampling.num_samples: 1")
+        respond = (self.val_source if source == "greedy" and self.val_source else self.source).respond
+        contexts = [ids[mask.bool()].tolist() for ids, mask in zip(batch.prompt_ids_BP, batch.prompt_mask_BP)]
+        pieces: list[list[tuple[list[int], bool, list[float]]]] = [[] for _ in contexts]
+        finals, active = [""] * len(contexts), list(range(len(contexts)))
+        for turn in range(self.max_turns):
+            out = self.sample_turn(model, [contexts[b] for b in active], params, generator, batch)
+            still = []
+            for i, b in enumerate(active):
+                ids, logp = out.tokens_BT[i][out.mask_BT[i]].tolist(), out.logp_BT[i][out.mask_BT[i]].tolist()
+                finals[b] = self.tokenizer.decode(ids, skip_special_tokens=True)
+                pieces[b].append((ids, True, logp))
+                reply = respond(finals[b]) if ids and ids[-1] in eos_ids(self.tokenizer) else None
+                if reply is not None and turn + 1 < self.max_turns:
+                    tool_ids = tool_reply_ids(self.tokenizer, finals[b], reply)
+                    pieces[b].append((tool_ids, False, [0.0] * len(tool_ids)))
+                    contexts[b] = contexts[b] + ids + tool_ids
+                    still.append(b)
+            active = still
+            if not active:
+                break
+        rollout = episode_batch(batch, pieces, self.tokenizer.pad_token_id, eos_ids(self.tokenizer), source)
+        rollout.extras["final_texts"] = finals
+        return rollout
+
+    def sample_turn(self, model, contexts: list[list[int]], params, generator, batch):  # noqa: ANN001, ANN201
+        """One turn for each context (left padded on the batch's device)."""
+        device = batch.prompt_ids_BP.device
+        P = max(map(len, contexts))
+        ids_BP = torch.full((len(contexts), P), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        mask_BP = torch.zeros_like(ids_BP)
+        for i, ids in enumerate(contexts):
+            ids_BP[i, P - len(ids):], mask_BP[i, P - len(ids):] = torch.tensor(ids, device=device), 1
+        return sample(model, ids_BP, mask_BP, params, eos_token_ids=eos_ids(self.tokenizer),
+                      pad_token_id=self.tokenizer.pad_token_id, generator=generator)
+
+    def decode(self, rollout: RolloutBatch) -> list[str]:
+        """The last assistant turn of each episode (what the verifier grades)."""
+        return rollout.extras.get("final_texts") or super().decode(rollout)
+
+
+def episode_batch(batch, pieces: list[list[tuple[list[int], bool, list[float]]]], pad_id: int,  # noqa: ANN001
+                  eos: list[int], source: str) -> RolloutBatch:
+    """Right-padded completions from each row's (token ids, trained?, sampler log-probs) pieces."""
+    device = batch.prompt_ids_BP.device
+    T = max(sum(len(ids) for ids, _, _ in row) for row in pieces)
+    ids_BT = torch.full((len(pieces), T), pad_id, dtype=torch.long, device=device)
+    mask_BT = torch.zeros_like(ids_BT, dtype=torch.bool)
+    loss_BT, logp_BT = torch.zeros_like(mask_BT), torch.zeros(ids_BT.shape, device=device)
+    for b, row in enumerate(pieces):
+        ids = [t for piece, _, _ in row for t in piece]
+        ids_BT[b, :len(ids)], mask_BT[b, :len(ids)] = torch.tensor(ids, dtype=torch.long), True
+        loss_BT[b, :len(ids)] = torch.tensor([trained for piece, trained, _ in row for _ in piece])
+        logp_BT[b, :len(ids)] = torch.tensor([lp for _, _, logp in row for lp in logp])
+    # An episode ends on a generated turn: cut when that turn has no EOS (it hit max_new_tokens).
+    truncated_B = torch.tensor([not row[-1][0] or row[-1][0][-1] not in eos for row in pieces])
+    return RolloutBatch(
+        prompt_ids_BP=batch.prompt_ids_BP, prompt_mask_BP=batch.prompt_mask_BP, completion_ids_BT=ids_BT,
+        completion_mask_BT=mask_BT, sampler_logp_BT=logp_BT, answers=list(batch.answers),
+        row_index_B=batch.row_index_B, source=source, truncated_B=truncated_B.to(device),
+        loss_mask_BT=loss_BT, rows=list(batch.rows),
+    )

@@ -5,14 +5,16 @@ mid-epoch resume) wired into RolloutDataModule by ``group_field``."""
 from __future__ import annotations
 
 import json
+import types
 from itertools import chain
 
 import pytest
 import torch
 
 from lit_opd import RolloutDataModule, SamplingParams, TurnPrompts
-from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler
-from lit_opd.rollout.turns import row_groups, split_turns
+from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler, row_groups
+from lit_opd.rollout.sampling import SampleOutput
+from lit_opd.rollout.turns import EpisodeRolloutDataModule, split_turns
 from lit_opd.tasks import ToolCalcTask, tool_calc_tokenizer
 from lit_opd.tiny import make_tiny_model
 
@@ -27,7 +29,8 @@ CONVERSATION = [SYSTEM, USER, A1, TOOL, A2, A3]
 
 def test_a_three_turn_conversation_gives_three_samples_with_the_recorded_prefixes():
     rows = split_turns(CONVERSATION, group_id="c7", where="test", extra={"domain": "math"})
-    assert [r["messages"] for r in rows] == [[SYSTEM, USER], [SYSTEM, USER, A1, TOOL], [SYSTEM, USER, A1, TOOL, A2]]
+    assert [r["messages"] for r in rows] == [
+        [SYSTEM, USER], [SYSTEM, USER, A1, TOOL], [SYSTEM, USER, A1, TOOL, A2]]
     assert [r["answer"] for r in rows] == ["CALL add 2 3", "5, now times 4.", "20"]
     assert [r["turn_index"] for r in rows] == [0, 1, 2]
     assert all(r["group_id"] == "c7" and r["num_turns"] == 3 and r["domain"] == "math" for r in rows)
@@ -81,8 +84,9 @@ def test_the_task_source_grades_each_turn_with_the_tasks_verifier():
 
 # ----- tool outputs never get loss weight ---------------------------------------------------------
 def _datamodule(tok, rows: int = 8, **kwargs) -> RolloutDataModule:  # noqa: ANN001, ANN003
-    dm = RolloutDataModule(TurnPrompts(task=ToolCalcTask(min_terms=3, max_terms=3), num_rows=rows), val_size=0,
-                           batch_size=3, sampling=SamplingParams(max_new_tokens=8), **kwargs)
+    source = TurnPrompts(task=ToolCalcTask(min_terms=3, max_terms=3), num_rows=rows)
+    dm = RolloutDataModule(source, val_size=0, batch_size=3, sampling=SamplingParams(max_new_tokens=8),
+                           **kwargs)
     dm.tokenizer = tok
     dm.setup("fit")
     return dm
@@ -128,7 +132,8 @@ def test_groups_are_shuffled_whole_contiguous_and_in_turn_order():
     sampler = GroupedPromptSampler(GROUPS, seed=0, num_replicas=1, rank=0)
     epoch0 = list(sampler)
     assert sorted(epoch0) == list(range(11)) and len(sampler) == 11
-    assert sorted(_runs(epoch0)) == sorted(tuple(g) for g in GROUPS)  # each group once, in one piece, in order
+    # each group once, in one piece, in order
+    assert sorted(_runs(epoch0)) == sorted(tuple(g) for g in GROUPS)
     order = torch.randperm(5, generator=torch.Generator().manual_seed(0)).tolist()
     assert epoch0 == list(chain.from_iterable(GROUPS[g] for g in order))
     sampler.set_epoch(1)
@@ -150,7 +155,8 @@ def test_resume_continues_at_the_exact_next_index():
     for rank in (0, 1):
         full = GroupedPromptSampler(GROUPS, seed=1, num_replicas=2, rank=rank)
         full.set_epoch(2)
-        resumed = GroupedPromptSampler(GROUPS, seed=1, num_replicas=2, rank=rank, resume_epoch=2, resume_skip=4)
+        resumed = GroupedPromptSampler(GROUPS, seed=1, num_replicas=2, rank=rank, resume_epoch=2,
+                                       resume_skip=4)
         resumed.set_epoch(2)
         assert list(resumed) == list(full)[4:] and len(resumed) == len(full)
         assert list(resumed) == list(full)  # only the first pass over the resumed epoch skips
@@ -177,7 +183,8 @@ def test_datamodule_group_field_batches_whole_trajectories_and_resumes():
 
 def test_validation_split_takes_whole_trajectories():
     tok = tool_calc_tokenizer()
-    dm = RolloutDataModule(TurnPrompts(task=ToolCalcTask(), num_rows=20), val_size=0.25, group_field="group_id")
+    source = TurnPrompts(task=ToolCalcTask(), num_rows=20)
+    dm = RolloutDataModule(source, val_size=0.25, group_field="group_id")
     dm.tokenizer = tok
     dm.setup("fit")
     val, train = ({r["row"]["group_id"] for r in rows} for rows in (dm.val_rows, dm.train_rows))
@@ -193,3 +200,72 @@ def test_a_row_without_the_group_field_is_named_with_the_fix():
     dm = _datamodule(tok, rows=4, group_field="trajectory")
     with pytest.raises(ValueError, match="group_field='trajectory'"):
         dm.train_dataloader()
+
+
+# ----- mode full: tool spans inside the completion, out of the loss -------------------------------
+TASK = ToolCalcTask(min_terms=3, max_terms=3)
+
+
+class ScriptedEpisodes(EpisodeRolloutDataModule):
+    """Turns come from the recorded trajectories instead of a model (the last one ends on a wrong
+    answer), so the episode's assembly is checked exactly."""
+
+    def sample_turn(self, model, contexts, params, generator, batch):  # noqa: ANN001, ANN201
+        tok, rows = self.tokenizer, []
+        script = {r["messages"][0]["content"]: [m["content"] for m in r["messages"][1::2]]
+                  for r in TASK.make_rows(2, seed=0)}  # user, then assistant and tool by turns
+        script[list(script)[1]][-1] = "0"
+        for context in contexts:
+            text = tok.decode(context, skip_special_tokens=True)
+            turns = script[text.removeprefix("user: ").split("assistant")[0]]
+            reply = turns[text.count("tool: ")]  # turns written so far = tool replies seen
+            rows.append(tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        T = max(map(len, rows))
+        ids_BT = torch.zeros(len(rows), T, dtype=torch.long)
+        mask_BT = torch.zeros(len(rows), T, dtype=torch.bool)
+        for i, ids in enumerate(rows):
+            ids_BT[i, :len(ids)], mask_BT[i, :len(ids)] = torch.tensor(ids), True
+        return SampleOutput(ids_BT, mask_BT, mask_BT.float() * -0.5, torch.zeros(len(rows), dtype=torch.bool))
+
+
+def test_full_mode_puts_tool_spans_in_the_completion_with_no_loss_weight():
+    tok = tool_calc_tokenizer()
+    dm = ScriptedEpisodes(TurnPrompts(task=TASK, num_rows=2, mode="full"), val_size=0, batch_size=2,
+                          sampling=SamplingParams(max_new_tokens=16))
+    dm.tokenizer = tok
+    dm.setup("fit")
+    assert [r["row"]["messages"] for r in dm.train_rows] == [r["messages"][:1] for r in TASK.make_rows(2, 0)]
+    batch = next(iter(dm._loader(dm.train_rows, 2)))
+    rollout = dm.rollout(batch, types.SimpleNamespace(policy=torch.nn.Linear(1, 1)), "student", step=0)
+    for b, messages in enumerate(r["messages"] for r in TASK.make_rows(2, 0)):
+        a1, t1, a2, t2, a3 = (m["content"] for m in messages[1:])
+        a3 = "0" if b == 1 else a3
+        completion = rollout.completion_ids_BT[b][rollout.completion_mask_BT[b]].tolist()
+        assert tok.decode(completion) == (f"{a1}<eos><bos>tool: {t1}<eos><bos>assistant: {a2}<eos>"
+                                          f"<bos>tool: {t2}<eos><bos>assistant: {a3}<eos>")
+        trained = rollout.completion_ids_BT[b][rollout.loss_mask_BT[b]].tolist()
+        assert tok.decode(trained) == f"{a1}<eos>{a2}<eos>{a3}<eos>"  # the tool spans get no loss weight
+        untrained = rollout.completion_mask_BT[b] & ~rollout.loss_mask_BT[b]
+        assert tok.decode(rollout.completion_ids_BT[b][untrained].tolist()) == (
+            f"<bos>tool: {t1}<eos><bos>assistant: <bos>tool: {t2}<eos><bos>assistant: ")
+        assert (rollout.sampler_logp_BT[b][untrained] == 0).all()
+        assert (rollout.sampler_logp_BT[b][rollout.loss_mask_BT[b]] == -0.5).all()
+    assert not rollout.truncated_B.any()
+    assert dm.grade(rollout).tolist() == [1.0, 0.0]  # graded on the last turn: row 1 answered "0"
+
+
+def test_full_mode_stops_at_max_turns_and_needs_a_tool():
+    tok = tool_calc_tokenizer()
+    source = TurnPrompts(task=TASK, num_rows=2, mode="full")
+    dm = ScriptedEpisodes(source, val_size=0, batch_size=2, max_turns=2)
+    dm.tokenizer = tok
+    dm.setup("fit")
+    holder = types.SimpleNamespace(policy=torch.nn.Linear(1, 1))
+    rollout = dm.rollout(next(iter(dm._loader(dm.train_rows, 2))), holder, "student", step=0)
+    texts = [tok.decode(ids[m].tolist())
+             for ids, m in zip(rollout.completion_ids_BT, rollout.completion_mask_BT)]
+    assert [text.count("tool: ") for text in texts] == [1, 1]
+    with pytest.raises(ValueError, match="mode full needs a task with a tool"):
+        TurnPrompts(path="unused.jsonl", mode="full").respond("CALL add 1 2")
+    with pytest.raises(ValueError, match="max_turns must be >= 1"):
+        EpisodeRolloutDataModule(TurnPrompts(task=TASK), max_turns=0)
