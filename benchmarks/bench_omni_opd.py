@@ -11,7 +11,9 @@ Task, models and settings are the shipped configs' (each arm *is* a config, run 
                    at temperature 1 from the same teacher, drawn once and cached): configs/opd/carry.yaml
                    with the model and the training source swapped.
 * ``opd``          OPDModule, the teacher's logits (forward KL): configs/opd/carry.yaml.
-* ``omniopd``      OmniOPDModule, the teacher's text only (HFTextTeacher): configs/omni_opd/carry.yaml.
+* ``omniopd``      OmniOPDModule, the teacher's text only (HFTextTeacher): configs/omni_opd/carry.yaml
+                   (the group objective, GroupVerification).
+* ``omniopd_ref``  the same settings under the reference single-chunk objective (SpeculativeVerification).
 * ``omniopd_bpe``  the same with a teacher of another tokenizer (BPE, 98.6 % greedy):
                    configs/omni_opd/carry_bpe_teacher.yaml.
 * ``omniopd_api``  the same as ``omniopd`` through the API path: APITeacher against `transformers
@@ -19,7 +21,8 @@ Task, models and settings are the shipped configs' (each arm *is* a config, run 
                    a loopback HTTP request per continuation is ~8x slower on 2 cores).
 
 Same student (lit_opd/assets/carry_addition/student, 17.6 % greedy), prompts (TaskPrompts seed 4),
-batch (32), optimizer and steps in every arm; ``seed_everything`` = the seed. Reported: greedy exact
+batch (32), optimizer and steps in every arm; the seed sets ``seed_everything``, the data order and
+rollout draws (``RolloutDataModule.seed``) and OmniOPD's teacher sampling (``OmniOPDModule.seed``). Reported: greedy exact
 match on 512 validation prompts (TaskPrompts seed 2) every ``--eval-every`` steps; teacher tokens
 spent (SFT: prompt + sampled tokens of the samples used; OPD: prompt + completion tokens the
 teacher's forward read, B x (mean prompt + mean completion length); OmniOPD: the text teacher's
@@ -50,11 +53,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-ARMS = ("sft", "opd", "omniopd", "omniopd_bpe", "omniopd_api")
+ARMS = ("sft", "opd", "omniopd", "omniopd_ref", "omniopd_bpe", "omniopd_api")
 CONFIGS = {"sft": "configs/opd/carry.yaml", "opd": "configs/opd/carry.yaml",
-           "omniopd": "configs/omni_opd/carry.yaml", "omniopd_bpe": "configs/omni_opd/carry_bpe_teacher.yaml",
+           "omniopd": "configs/omni_opd/carry.yaml", "omniopd_ref": "configs/omni_opd/carry.yaml",
+           "omniopd_bpe": "configs/omni_opd/carry_bpe_teacher.yaml",
            "omniopd_api": "configs/omni_opd/carry.yaml"}
-LABELS = {"sft": "SFT on teacher samples", "opd": "logit OPD (forward KL)", "omniopd": "OmniOPD, text only",
+LABELS = {"sft": "SFT on teacher samples", "opd": "logit OPD (forward KL)", "omniopd": "OmniOPD (group), text only",
+          "omniopd_ref": "OmniOPD (reference objective)",
           "omniopd_bpe": "OmniOPD, BPE-tokenizer teacher", "omniopd_api": "OmniOPD via transformers serve"}
 TEACHER = ROOT / "lit_opd/assets/carry_addition/teacher"
 OUT = ROOT / "runs" / "bench_omni_opd"
@@ -74,6 +79,9 @@ def arm_config(arm: str, seed: int, steps: int, eval_every: int, run_dir: Path, 
                                                "every_n_train_steps": steps, "save_top_k": 0}})
     config["seed_everything"] = seed
     model, data = config["model"]["init_args"], config["data"]["init_args"]
+    data["seed"] = seed  # the data order and the rollout draws
+    if "seed" in model:  # OmniOPD's teacher sampling
+        model["seed"] = seed
     for key in ("student",):
         model[key] = str(ROOT / model[key])
     if "teacher" in model:
@@ -83,6 +91,10 @@ def arm_config(arm: str, seed: int, steps: int, eval_every: int, run_dir: Path, 
         config["model"] = {"class_path": "lit_opd.SFTModule",
                            "init_args": {"student": model["student"], "optimizer": model["optimizer"]}}
         data["source"] = {"class_path": "lit_opd.JsonlPrompts", "init_args": {"path": extra["samples"]}}
+    if arm == "omniopd_ref":  # the same settings under the reference (single-chunk) objective
+        objective = model["objective"]
+        objective["class_path"] = "lit_opd.methods.omni_opd.SpeculativeVerification"
+        objective["init_args"].pop("candidates", None)
     if arm == "omniopd_api":
         model["teacher"] = {"class_path": "lit_opd.APITeacher",
                             "init_args": {"base_url": extra["base_url"], "model": extra["served_model"],
@@ -320,7 +332,7 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, int, int]]:
             out += [(arm, s, args.api_steps) for s in args.api_seeds]
         else:
             out += [(arm, s, args.steps) for s in args.seeds]
-    cost = {"omniopd_api": 9, "omniopd_bpe": 6, "omniopd": 5, "opd": 1, "sft": 1}
+    cost = {"omniopd_api": 9, "omniopd_bpe": 6, "omniopd": 6, "omniopd_ref": 4, "opd": 1, "sft": 1}
     return sorted(out, key=lambda job: -cost[job[0]] * job[2])
 
 
