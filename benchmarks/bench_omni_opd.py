@@ -110,6 +110,9 @@ def run_arm(arm: str, seed: int, steps: int, eval_every: int, extra: dict) -> di
         if result["steps"] == steps:
             return result
     run_dir = OUT / f"{arm}_s{seed}"
+    if finished(run_dir):  # a run whose process outlived an interrupted benchmark: collect it
+        return collect(arm, seed, steps, run_dir, extra, wall_s=(run_dir / "fit.log").stat().st_mtime
+                       - (run_dir / "config.yaml").stat().st_mtime)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     config_path = run_dir / "config.yaml"
@@ -122,8 +125,19 @@ def run_arm(arm: str, seed: int, steps: int, eval_every: int, extra: dict) -> di
     wall_s = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"{arm} seed {seed} failed (exit {code}); see {run_dir / 'fit.log'}")
+    return collect(arm, seed, steps, run_dir, extra, wall_s)
+
+
+def finished(run_dir: Path) -> bool:
+    log = run_dir / "fit.log"
+    return (run_dir / "checkpoints" / "last.ckpt").exists() and log.exists() and "RESULT " in log.read_text()
+
+
+def collect(arm: str, seed: int, steps: int, run_dir: Path, extra: dict, wall_s: float) -> dict:
+    """The curves and final-student measures of a finished run, cached in OUT/results."""
     result = {"arm": arm, "seed": seed, "steps": steps, "wall_s": wall_s, **curves(arm, run_dir, extra),
               **final_repetition(run_dir, seed)}
+    cached = OUT / "results" / f"{arm}_s{seed}.json"
     cached.parent.mkdir(exist_ok=True)
     cached.write_text(json.dumps(result, indent=1))
     return result
