@@ -2,6 +2,7 @@
 peak-entropy picker, the similarity registry, the chunk objective and the module; README.md here)."""
 
 from lit_opd.methods.omni_opd.audits import pick_audits, repetition_loops
+from lit_opd.methods.omni_opd.group import GroupVerification, standardized_advantages
 from lit_opd.methods.omni_opd.module import OmniOPDModule
 from lit_opd.methods.omni_opd.objective import SpeculativeVerification, anchor_kl, posterior_target
 from lit_opd.methods.omni_opd.similarity import (
@@ -9,7 +10,7 @@ from lit_opd.methods.omni_opd.similarity import (
 )
 
 __all__ = [
-    "OmniOPDModule", "SpeculativeVerification", "SIMILARITIES", "anchor_kl",
+    "OmniOPDModule", "SpeculativeVerification", "GroupVerification", "standardized_advantages", "SIMILARITIES", "anchor_kl",
     "edit_similarity", "pick_audits", "posterior_target", "repetition_loops", "resolve_similarity",
     "semantic_count",
 ]

@@ -25,15 +25,43 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_opd.methods.base import default_optimizer
 from lit_opd.methods.omni_opd.audits import chunk_mask, pick_audits, repetition_loops
+from lit_opd.methods.omni_opd.group import Candidates, GroupVerification
 from lit_opd.methods.omni_opd.objective import AnchorTerms, SpeculativeVerification, Verdicts
 from lit_opd.methods.omni_opd.similarity import semantic_count
 from lit_opd.methods.taught import TaughtModule
 from lit_opd.models import ModelSpec, completion_logits
 from lit_opd.objectives import divergences as D
-from lit_opd.rollout.datamodule import step_seed
+from lit_opd.rollout.datamodule import ranks_agree, step_seed
 from lit_opd.rollout.prompts import eos_ids
+from lit_opd.rollout.sampling import sample
 from lit_opd.teachers.base import Teacher
-from lit_opd.types import RolloutBatch
+from lit_opd.types import RolloutBatch, SamplingParams
+
+def added_text(tokenizer: PreTrainedTokenizerBase, before_ids: list[int], chunk_ids: list[int]) -> str:
+    """The text ``chunk_ids`` add after ``before_ids``: decoded together, so a tokenizer that merges
+    across the boundary (spaces, byte pieces) gives the chunk's real characters."""
+    before = tokenizer.decode(before_ids, skip_special_tokens=True)
+    upto = tokenizer.decode(before_ids + chunk_ids, skip_special_tokens=True)
+    return upto[len(before):] if upto.startswith(before) else tokenizer.decode(chunk_ids, skip_special_tokens=True)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → left-padded ids and attention mask (B, P), the layout the sampler expects."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def chunk_ids(ids_BT: torch.Tensor, rows: list[int], starts: list[int], chunk_tokens: int) -> torch.Tensor:
+    """The C tokens of each audited chunk: (A, C)."""
+    cols_AC = torch.tensor(starts, device=ids_BT.device).unsqueeze(-1) + torch.arange(chunk_tokens, device=ids_BT.device)
+    return ids_BT[torch.tensor(rows, device=ids_BT.device).unsqueeze(-1), cols_AC]
+
 
 #: One audit as the teacher sees it: (row, start, teacher prefix, chunk text, chunk ends the completion).
 Audit = tuple[int, int, str, str, bool]
@@ -46,7 +74,9 @@ class OmniOPDModule(TaughtModule):
         student, tokenizer, optimizer, scheduler: see :class:`PolicyModule`.
         teacher: anything that returns text continuations (``APITeacher``, ``HFTextTeacher``,
             ``HFTeacher``); its tokenizer may differ from the student's. Never scored, never trained.
-        objective: :class:`SpeculativeVerification` (chunk size, audits, continuations, α, β, φ, ...).
+        objective: :class:`SpeculativeVerification` (chunk size, audits, continuations, α, β, φ, ...),
+            or :class:`~lit_opd.methods.omni_opd.group.GroupVerification` (N student candidates per
+            audit compete for the teacher's agreement; standardized advantages).
         seed: seed of the teacher's sampling; step s asks with a seed derived from (seed, s, rank),
             so a resumed run asks exactly what the unbroken run asked.
         reference: π_ref of the anchor; None = a frozen copy of the student's initial weights.
@@ -102,7 +132,10 @@ class OmniOPDModule(TaughtModule):
             reference_logits_BTV = completion_logits(self.reference, batch)
         terms = AnchorTerms(D.token_logprobs(logits_BTV, batch.completion_ids_BT), logits_BTV,
                             reference_logits_BTV, entropy_BT)
-        loss, metrics = self.objective(batch, terms, verdicts)
+        if isinstance(self.objective, GroupVerification):
+            loss, metrics = self.objective(batch, terms, verdicts, self.candidates(batch, verdicts))
+        else:
+            loss, metrics = self.objective(batch, terms, verdicts)
         metrics.update(self._audit_metrics(verdicts, entropy_BT, mask_BT))
         return loss, metrics
 
@@ -160,10 +193,75 @@ class OmniOPDModule(TaughtModule):
                 continue
             verdicts.rows.append(row)
             verdicts.starts.append(start)
+            verdicts.continuations.append(texts)
             k_sem.append(value)
             answered.append(count)
         verdicts.k_sem_A, verdicts.answered_A = torch.tensor(k_sem), torch.tensor(answered, dtype=torch.float)
         return verdicts
+
+    # ----- the group objective's candidates ----------------------------------------------------
+    def candidates(self, batch: RolloutBatch, verdicts: Verdicts) -> Candidates | None:
+        """N candidate chunks per kept audit (the sampled one first, then N − 1 fresh student samples
+        from the same prefix), scored by the student (with grad) and against the audit's continuations."""
+        if not verdicts.rows:
+            return None
+        obj, tok = self.objective, self.tokenizer
+        C, N, A = obj.chunk_tokens, obj.candidates, len(verdicts.rows)
+        prefixes = [self._prompt_ids(batch, row) + batch.completion_ids_BT[row, :start].tolist()
+                    for row, start in zip(verdicts.rows, verdicts.starts)]
+        prefix_ids_AP, prefix_mask_AP = left_pad(prefixes, tok.pad_token_id, batch.prompt_ids_BP.device)
+        fresh = self._fresh_chunks(prefix_ids_AP, prefix_mask_AP, N - 1)
+        ids_ANC = torch.full((A, N, C), tok.pad_token_id, dtype=torch.long, device=prefix_ids_AP.device)
+        mask_ANC = torch.zeros((A, N, C), dtype=torch.bool, device=prefix_ids_AP.device)
+        ids_ANC[:, 0] = chunk_ids(batch.completion_ids_BT, verdicts.rows, verdicts.starts, C)
+        mask_ANC[:, 0] = True
+        width = fresh.tokens_BT.shape[1]
+        ids_ANC[:, 1:, :width] = fresh.tokens_BT.view(A, N - 1, width)
+        mask_ANC[:, 1:, :width] = fresh.mask_BT.view(A, N - 1, width).bool()
+        scored = RolloutBatch(
+            prompt_ids_BP=prefix_ids_AP.repeat_interleave(N, 0), prompt_mask_BP=prefix_mask_AP.repeat_interleave(N, 0),
+            completion_ids_BT=ids_ANC.view(A * N, C), completion_mask_BT=mask_ANC.view(A * N, C),
+            sampler_logp_BT=None, answers=[None] * (A * N),
+            row_index_B=torch.arange(A * N, device=prefix_ids_AP.device))
+        logp_ANC = D.token_logprobs(completion_logits(self.student, scored), scored.completion_ids_BT).view(A, N, C)
+        k_sem_AN, answered_AN = self._candidate_counts(prefixes, ids_ANC, mask_ANC, verdicts.continuations)
+        return Candidates(logp_ANC, mask_ANC, k_sem_AN.to(logp_ANC.device), answered_AN.to(logp_ANC.device))
+
+    @torch.no_grad()
+    def _fresh_chunks(self, prefix_ids_AP: torch.Tensor, prefix_mask_AP: torch.Tensor, per_prefix: int):  # noqa: ANN202
+        """``per_prefix`` student samples of up to C tokens after each prefix (seeded per step)."""
+        params = SamplingParams(max_new_tokens=self.objective.chunk_tokens, num_samples=per_prefix,
+                                temperature=self.objective.candidate_temperature)
+        generator = torch.Generator(device=prefix_ids_AP.device)
+        generator.manual_seed(step_seed(self.seed + 1, self.global_step, self.global_rank))
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            trainer = self._trainer  # None outside a Trainer (``self.trainer`` would raise)
+            return sample(self.student, prefix_ids_AP, prefix_mask_AP, params, eos_ids(self.tokenizer),
+                          self.tokenizer.pad_token_id, generator, ranks_agree(trainer) if trainer else None)
+        finally:
+            self.student.train(was_training)
+
+    def _candidate_counts(self, prefixes: list[list[int]], ids_ANC: torch.Tensor, mask_ANC: torch.Tensor,
+                          continuations: list[list[str | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_sem, answered) of every candidate against its audit's teacher continuations: (A, N) each."""
+        obj, tok = self.objective, self.tokenizer
+        k_sem, answered = [], []
+        for prefix, cands_NC, masks_NC, texts in zip(prefixes, ids_ANC.tolist(), mask_ANC.tolist(), continuations):
+            row_k, row_n = [], []
+            for ids, mask in zip(cands_NC, masks_NC):
+                ids = [i for i, m in zip(ids, mask) if m]
+                value, count = semantic_count(added_text(tok, prefix, ids), texts, obj.similarity_fn,
+                                              bool(ids) and ids[-1] in self._eos)
+                row_k.append(value)
+                row_n.append(count)
+            k_sem.append(row_k)
+            answered.append(row_n)
+        return torch.tensor(k_sem), torch.tensor(answered, dtype=torch.float)
+
+    def _prompt_ids(self, batch: RolloutBatch, row: int) -> list[int]:
+        return batch.prompt_ids_BP[row][batch.prompt_mask_BP[row].bool()].tolist()
 
     def _audit_texts(self, batch: RolloutBatch, starts: list[list[int]]) -> list[Audit]:
         """(row, start, teacher prefix, chunk text, chunk ends the completion) per audit, row by row,
@@ -174,13 +272,10 @@ class OmniOPDModule(TaughtModule):
         for row, row_starts in enumerate(starts):
             if not row_starts:
                 continue
-            prompt_ids = batch.prompt_ids_BP[row][batch.prompt_mask_BP[row].bool()].tolist()
-            prompt = tok.decode(prompt_ids, skip_special_tokens=True)
+            prompt = tok.decode(self._prompt_ids(batch, row), skip_special_tokens=True)
             ids = batch.completion_ids_BT[row].tolist()
             for start in sorted(row_starts):
                 before = tok.decode(ids[:start], skip_special_tokens=True)
-                upto = tok.decode(ids[: start + C], skip_special_tokens=True)
-                chunk = upto[len(before):] if upto.startswith(before) else tok.decode(
-                    ids[start : start + C], skip_special_tokens=True)
+                chunk = added_text(tok, ids[:start], ids[start : start + C])
                 out.append((row, start, prompt + before, chunk, ids[start + C - 1] in self._eos))
         return out

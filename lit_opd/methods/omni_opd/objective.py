@@ -28,6 +28,7 @@ from lit_opd.objectives.components import Objective
 from lit_opd.types import RolloutBatch, TeacherCapability
 
 REDUCTIONS = ("seq_sum", "token_mean")
+BASELINES = ("none", "batch", "prior")
 
 
 @dataclass
@@ -56,6 +57,8 @@ class Verdicts:
         k_sem_A, answered_A: float (A,) semantic count and number of continuations received.
         requested: audits the picker chose (= prefixes sent); ``dropped`` of them got no continuation.
         unanswered: continuations that came back None (failed requests), over all audits.
+        continuations: the teacher's texts per kept audit (the group objective scores its own
+            candidates against them).
     """
 
     rows: list[int] = field(default_factory=list)
@@ -65,12 +68,23 @@ class Verdicts:
     requested: int = 0
     dropped: int = 0
     unanswered: int = 0
+    continuations: list[list[str | None]] = field(default_factory=list)
 
 
 def posterior_target(k_sem_A: Tensor, answered_A: Tensor, pi_bar_A: Tensor, alpha: float) -> Tensor:
     """π̂ = (k_sem + α·π̄) / (N + α): the teacher's agreement, shrunk toward the student's own chunk
     probability π̄ by a Beta prior worth α pseudo-continuations; in [0, 1] whenever φ is."""
     return (k_sem_A + alpha * pi_bar_A) / (answered_A + alpha)
+
+
+def chunk_weights(target_A: Tensor, pi_bar_A: Tensor, baseline: str) -> Tensor:
+    """The weight of each chunk's log-likelihood: π̂, or π̂ less a baseline ("batch": the mean π̂;
+    "prior": the chunk's π̄)."""
+    if baseline == "batch":
+        return target_A - target_A.mean()
+    if baseline == "prior":
+        return target_A - pi_bar_A
+    return target_A
 
 
 def chunk_logp(logp_BT: Tensor, rows: list[int], starts: list[int], chunk_tokens: int) -> Tensor:
@@ -102,9 +116,11 @@ class SpeculativeVerification(Objective):
         teacher_tokens: the ``max_new_tokens`` asked of the teacher (its own tokens); None = C. Raise
             it when the teacher's tokens are shorter than the student's: the surplus is cut away.
         teacher_temperature: sampling temperature of the continuations (0 = greedy).
-        baseline: weight each chunk by π̂ minus the mean π̂ of the batch's audits instead of π̂ (a
-            REINFORCE baseline; our addition, off in the reference objective). Every π̂ ≥ 0 pushes its
-            chunk up, the student's own samples included; centred, below-average chunks are pushed down.
+        baseline: what is subtracted from π̂ before it weights its chunk (our addition; "none" is the
+            reference objective). Every π̂ ≥ 0 pushes its chunk up, the student's own mistakes
+            included. "batch": the mean π̂ of the batch's audits (a REINFORCE baseline); "prior": the
+            chunk's own π̄, so the weight (k_sem − N·π̄)/(N + α) is how much more the teacher agreed
+            than the student expected: chunks it disowns are pushed down.
     """
 
     capability: ClassVar[TeacherCapability] = TeacherCapability.TEXT_ONLY
@@ -113,7 +129,7 @@ class SpeculativeVerification(Objective):
         self, chunk_tokens: int = 50, max_audits: int = 10, num_continuations: int = 10, alpha: float = 1.0,
         beta: float = 0.1, similarity: str | Similarity = "edit",
         reduction: Literal["seq_sum", "token_mean"] = "seq_sum", teacher_tokens: int | None = None,
-        teacher_temperature: float = 1.0, baseline: bool = False,
+        teacher_temperature: float = 1.0, baseline: Literal["none", "batch", "prior"] = "none",
     ) -> None:
         for name, value in (("chunk_tokens", chunk_tokens), ("max_audits", max_audits),
                             ("num_continuations", num_continuations), ("teacher_tokens", teacher_tokens)):
@@ -133,7 +149,9 @@ class SpeculativeVerification(Objective):
         self.similarity = similarity
         self.similarity_name, self.similarity_fn = resolve_similarity(similarity)
         self.teacher_tokens, self.teacher_temperature = teacher_tokens, float(teacher_temperature)
-        self.baseline = bool(baseline)
+        if baseline not in BASELINES:
+            raise ValueError(f"SpeculativeVerification.baseline={baseline!r}: use one of {list(BASELINES)}")
+        self.baseline = baseline
 
     def uses_reference(self) -> bool:
         return True
@@ -151,30 +169,37 @@ class SpeculativeVerification(Objective):
         mask_BT = batch.loss_mask_BT.bool()
         logp_BT = terms.student_logp_BT
         C, device = self.chunk_tokens, logp_BT.device
-        audited_BT = torch.zeros_like(mask_BT)
-        row_chunk_B = logp_BT.new_zeros(mask_BT.shape[0])
+        chunk_total = logp_BT.new_zeros(())
         metrics: dict[str, Tensor | float] = {}
         if verdicts.rows:
             logp_AC = chunk_logp(logp_BT, verdicts.rows, verdicts.starts, C)
             pi_bar_A = logp_AC.detach().mean(-1).exp()
             target_A = posterior_target(verdicts.k_sem_A.to(device), verdicts.answered_A.to(device),
                                         pi_bar_A, self.alpha)
-            weight_A = target_A - target_A.mean() if self.baseline else target_A
-            rows_A = torch.tensor(verdicts.rows, device=device)
-            row_chunk_B = row_chunk_B.index_add(0, rows_A, -(weight_A * logp_AC.sum(-1)))
-            audited_BT[rows_A.unsqueeze(-1), torch.tensor(verdicts.starts, device=device).unsqueeze(-1)
-                       + torch.arange(C, device=device)] = True
+            weight_A = chunk_weights(target_A, pi_bar_A, self.baseline)
+            chunk_total = -(weight_A * logp_AC.sum(-1)).sum()
             metrics.update(target_mean=target_A.mean(), target_std=target_A.std(correction=0),
                            pi_bar_mean=pi_bar_A.mean(), chunk_logp=logp_AC.detach().mean(),
                            ksem_zero_frac=(verdicts.k_sem_A == 0).float().mean())
+        return self.total_loss(batch, terms, verdicts, chunk_total, metrics)
+
+    def total_loss(self, batch: RolloutBatch, terms: AnchorTerms, verdicts: Verdicts, chunk_total: Tensor,
+                   metrics: dict) -> tuple[Tensor, dict]:
+        """The chunk term's batch total plus β × the anchor on every loss-mask token outside the audited
+        chunks, normalized by ``reduction``; the anchor's and the chunk term's logs added to ``metrics``."""
+        mask_BT = batch.loss_mask_BT.bool()
+        C, device = self.chunk_tokens, mask_BT.device
+        audited_BT = torch.zeros_like(mask_BT)
+        if verdicts.rows:
+            audited_BT[torch.tensor(verdicts.rows, device=device).unsqueeze(-1),
+                       torch.tensor(verdicts.starts, device=device).unsqueeze(-1)
+                       + torch.arange(C, device=device)] = True
         other_BT = mask_BT & ~audited_BT
         kl_BT = anchor_kl(terms.student_logits_BTV, terms.reference_logits_BTV)
-        row_anchor_B = torch.where(other_BT, kl_BT, kl_BT.new_zeros(())).sum(-1)
-        total = (row_chunk_B + self.beta * row_anchor_B).sum()
-        if self.reduction == "seq_sum":
-            loss = total / (mask_BT.sum(-1) > 0).sum().clamp(min=1)
-        else:
-            loss = total / mask_BT.sum().clamp(min=1)
+        anchor_total = torch.where(other_BT, kl_BT, kl_BT.new_zeros(())).sum()
+        sequences = (mask_BT.sum(-1) > 0).sum().clamp(min=1)
+        divisor = sequences if self.reduction == "seq_sum" else mask_BT.sum().clamp(min=1)
+        loss = (chunk_total + self.beta * anchor_total) / divisor
         metrics["anchor_kl"] = D.reduce_masked(kl_BT.detach(), other_BT)
-        metrics["chunk_loss"] = row_chunk_B.detach().sum() / (mask_BT.sum(-1) > 0).sum().clamp(min=1)
+        metrics["chunk_loss"] = chunk_total.detach() / sequences
         return loss, metrics

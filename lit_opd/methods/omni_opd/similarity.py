@@ -117,8 +117,15 @@ def token_f1(a: str, b: str) -> float:
     return 1.0 if a == b else _bag_f1(_squad_words(a), _squad_words(b))
 
 
+def exact_match(a: str, b: str) -> float:
+    """1 when the texts are equal after stripping surrounding whitespace, else 0: for chunks where any
+    difference is a mistake (digits, identifiers), which partial-credit measures score near 1."""
+    return float(a.strip() == b.strip())
+
+
 SIMILARITIES: dict[str, Similarity] = {
     "edit": edit_similarity,
+    "exact": exact_match,
     "rouge1": rouge1_f1,
     "rougeL": rouge_l_f1,
     "token_f1": token_f1,

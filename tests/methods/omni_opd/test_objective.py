@@ -121,7 +121,7 @@ def test_the_loss_reaches_only_the_student(char_tok):
 
 @pytest.mark.parametrize(("setting", "value"), [
     ("chunk_tokens", 0), ("max_audits", 0), ("num_continuations", 1.5), ("teacher_tokens", 0),
-    ("alpha", -1.0), ("beta", float("nan")), ("teacher_temperature", -0.1), ("reduction", "mean"),
+    ("alpha", -1.0), ("beta", float("nan")), ("teacher_temperature", -0.1), ("reduction", "mean"), ("baseline", True),
     ("similarity", "cosine"),
 ])
 def test_each_bad_setting_is_named(setting, value):

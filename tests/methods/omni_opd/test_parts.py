@@ -12,6 +12,7 @@ from lit_opd.methods.omni_opd import (
     SIMILARITIES, pick_audits, posterior_target, repetition_loops, semantic_count,
 )
 from lit_opd.methods.omni_opd.audits import chunk_starts_allowed
+from lit_opd.methods.omni_opd.objective import chunk_weights
 from lit_opd.methods.omni_opd.similarity import compared_text, levenshtein, resolve_similarity
 
 
@@ -58,6 +59,10 @@ def test_similarity_hand_values():
     assert SIMILARITIES["rougeL"]("the cat sat", "cat the sat") == pytest.approx(2 / 3)
     # token F1 drops case, punctuation and articles: {cat, sat} vs {cat, ran} -> P = R = 1/2
     assert SIMILARITIES["token_f1"]("The cat sat.", "a cat ran") == pytest.approx(0.5)
+    # one wrong digit of a carry column: partial credit from edit, none from exact
+    assert SIMILARITIES["edit"]("4+7+0=11|", "3+7+0=10|") == pytest.approx(7 / 9)
+    assert SIMILARITIES["exact"]("4+7+0=11|", "3+7+0=10|") == 0.0
+    assert SIMILARITIES["exact"](" 3+7+0=10|", "3+7+0=10|\n") == 1.0
 
 
 def test_registry_resolves_names_dotted_paths_and_callables_and_names_bad_ones():
@@ -137,6 +142,17 @@ def test_posterior_target_hand_value():
     none_agree = posterior_target(torch.tensor([0.0]), torch.tensor([4.0]), torch.tensor([0.5]), 1.0)
     assert none_agree.item() == pytest.approx(0.1)
     assert posterior_target(torch.tensor([4.0]), torch.tensor([4.0]), torch.tensor([1.0]), 1.0).item() == 1.0
+
+
+def test_chunk_weights_hand_values():
+    target = torch.tensor([0.9, 0.3])
+    pi_bar = torch.tensor([0.5, 0.6])
+    assert chunk_weights(target, pi_bar, "none").tolist() == pytest.approx([0.9, 0.3])
+    assert chunk_weights(target, pi_bar, "batch").tolist() == pytest.approx([0.3, -0.3])
+    # "prior": π̂ − π̄ = (k_sem − N·π̄)/(N + α); k_sem 7 of N 10, α 1, π̄ 0.5 -> 2/11
+    prior = chunk_weights(posterior_target(torch.tensor([7.0]), torch.tensor([10.0]), torch.tensor([0.5]), 1.0),
+                          torch.tensor([0.5]), "prior")
+    assert prior.item() == pytest.approx(2 / 11)
 
 
 def test_repetition_loops():
