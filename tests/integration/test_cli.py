@@ -39,7 +39,7 @@ def test_print_config_shows_the_objective_settings(config, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(config), "--print_config"])
     objective = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["objective"]
-    kinds = ("Divergence", "SampledReward", "BaseRelativeClip", "SpeculativeVerification")
+    kinds = ("Divergence", "SampledReward", "BaseRelativeClip", "SpeculativeVerification", "GroupVerification")
     assert objective["class_path"].split(".")[-1] in kinds
     settings = set(objective["init_args"])
     assert {"kl_coef", "reduction"} <= settings or "kind" in settings or {"chunk_tokens", "reduction"} <= settings
