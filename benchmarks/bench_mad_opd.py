@@ -280,9 +280,14 @@ def render(results: dict, teachers: dict, seeds: list[int], args: argparse.Names
         ws = [results["debate"][s]["weights"][h] for s in seeds]
         lines.append(f"| {h} | {mean([w['short'] for w in ws]):.3f} | {mean([w['three_digit'] for w in ws]):.3f} |")
     if opad:
-        lines += ["", "OPAD per-turn accuracy (`benchmarks/bench_opad.py`, same day; before → after):", ""]
-        lines += [f"- `{line}`" for line in opad]
-    lines += ["", f"Total {total / 60:.1f} min.", "", "```",
+        lines += ["", "OPAD per-turn greedy accuracy, `OMP_NUM_THREADS=1 python benchmarks/bench_opad.py` run "
+                  "right after this benchmark (one seed; setup in its docstring):", "", *opad]
+    if args.notes:
+        lines += ["", args.notes.read_text().strip()]
+    fits = sum(results[a][s]["seconds"] for a in ARMS for s in seeds)
+    lines += ["", f"Time (one core, fits only, from the cached runs): teachers "
+              f"{sum(t['seconds'] for t in teachers.values()) / 60:.1f} min, arms {fits / 60:.1f} min; this "
+              f"invocation {total / 60:.1f} min.", "", "```",
               f"RESULT madopd_vs_best_single {mean(gains(results, 'debate', best)):.4f}",
               f"RESULT routed_vs_best_single {mean(gains(results, 'routed', best)):.4f}", "```", ""]
     return "\n".join(lines)
@@ -299,6 +304,7 @@ def main() -> None:
     parser.add_argument("--val-rows", type=int, default=512)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench_mad_opd")
     parser.add_argument("--opad-log", type=Path, help="bench_opad.py's output: its RESULT lines are quoted")
+    parser.add_argument("--notes", type=Path, help="a hand-written Markdown reading, appended to the section")
     parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "mad_opd.png")
@@ -327,7 +333,9 @@ def main() -> None:
                key=lambda a: mean([results[a][s]["after"]["overall"] for s in args.seeds]))
     opad = []
     if args.opad_log:
-        opad = re.findall(r"^RESULT opad_turn_accuracy .*$", args.opad_log.read_text(), flags=re.M)
+        text = args.opad_log.read_text()  # its Markdown table, then its RESULT lines in a code block
+        opad = [*re.findall(r"^\|.*\|$", text, flags=re.M), "", "```",
+                *re.findall(r"^RESULT opad_turn_accuracy .*$", text, flags=re.M), "```"]
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.seeds, args.plot)
     section = render(results, teachers, args.seeds, args, best, opad, time.perf_counter() - start)
