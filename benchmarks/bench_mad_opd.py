@@ -2,7 +2,7 @@
 (MOPD), ``fixed`` (MT-OPD) and ``debate`` (MAD-OPD with the likelihood confidence) — on the
 quickstart task split into two halves.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py                   # ~25 min on one CPU core
+    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py                   # ~39 min on one shared CPU core (2026-12-06)
     OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py --quick           # smoke test, < 1 min, no RESULTS.md
     OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py --opad-log FILE   # also quote bench_opad.py's output
 
