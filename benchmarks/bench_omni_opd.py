@@ -318,11 +318,17 @@ def section(results: list[dict], by_arm: dict, args: argparse.Namespace) -> str:
         "",
         "`python benchmarks/bench_omni_opd.py` — one trained teacher (lit_opd/assets/carry_addition/teacher, "
         "100 % greedy) used three ways; each arm is a shipped config run by `python -m lit_opd fit` (one torch "
-        "thread, two runs at a time on a 2-core CPU). Student 17.6 % greedy, batch 32, AdamW as in the configs, "
-        "greedy exact match on 512 validation prompts. SFT trains on one teacher sample per prompt "
+        "thread each, several runs at a time on a 2-core CPU: wall times are inflated by up to ~4x and compare "
+        "only roughly). Student 17.6 % greedy, batch 32, greedy exact match on 512 validation prompts. "
+        "SFT and OPD: AdamW lr 1e-3 (configs/opd/carry.yaml); OmniOPD: lr 1e-4, C = 9, M = 3 audits, N = 4 "
+        "continuations, φ = edit, α = 1, β = 0.1; the group objective with 4 candidates per audit "
+        "(configs/omni_opd/carry.yaml), the reference objective with the same settings (`omniopd_ref`). "
+        "SFT trains on one teacher sample per prompt "
         f"(temperature 1; {meta['correct_frac']:.1%} of them correct). Teacher tokens: what the teacher read "
-        "and wrote (OPD: its forward over prompt + completion; OmniOPD: its prompts and continuations, "
-        "counted by the teacher). Loops: final student, 512 completions, `repetition_loops`.",
+        "and wrote (OPD: its forward over prompt + completion; OmniOPD: prompts and continuations as the "
+        "teacher counts them — an API server counts the prompt once per request, and `transformers serve` "
+        "ignores `n`, so each continuation is its own request). Loops: the final student's 512 completions, "
+        "`repetition_loops`.",
         "",
         table(by_arm),
         "",
