@@ -300,9 +300,10 @@ def plot(results: list[dict], path: Path) -> None:
         for k, r in enumerate(runs):
             style = {"color": f"C{index}", "alpha": 0.8, "label": LABELS[arm] if k == 0 else None}
             left.plot(r["eval_steps"], r["accuracy"], marker="o", ms=3, **style)
-            right.plot(r["teacher_tokens"], r["accuracy"], marker="o", ms=3, **style)
+            spent = [(t, a) for t, a in zip(r["teacher_tokens"], r["accuracy"]) if t > 0]  # log axis: no step 0
+            right.plot([t for t, _ in spent], [a for _, a in spent], marker="o", ms=3, **style)
     left.set(xlabel="training step", ylabel="greedy val accuracy", title="accuracy vs steps (one line a seed)")
-    right.set(xlabel="teacher tokens spent", ylabel="greedy val accuracy", xscale="symlog",
+    right.set(xlabel="teacher tokens spent", ylabel="greedy val accuracy", xscale="log",
               title="accuracy vs teacher tokens")
     left.legend(fontsize=8)
     fig.tight_layout()
