@@ -5,6 +5,8 @@ written from NaN weights or left half-written by a kill."""
 
 from __future__ import annotations
 
+import re
+
 import signal
 import subprocess
 import sys
@@ -185,7 +187,9 @@ def test_lr_1e6_on_the_quickstart_models_ends_with_the_guards_error(tmp_path):
     with pytest.warns(UserWarning, match="HealthGuard: global step 1"), pytest.raises(NonFiniteError) as err:
         trainer.fit(module, data)
     message = str(err.value)
-    assert message.startswith("At global step 3: ") and "lr=1e+06 (the usual cause" in message
+    # Which step first gives NaN gradients at lr 1e6 depends on the float details of the build (3 on
+    # one install, 14 on another); that the guard stops the run, names the step and blames lr does not.
+    assert re.match(r"At global step \d+: ", message) and "lr=1e+06 (the usual cause" in message
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert _finite(last["state_dict"])
     student = {f"student.{k}": v for k, v in module.student.state_dict().items()}
