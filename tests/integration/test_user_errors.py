@@ -58,6 +58,8 @@ remote teacher unreachable at setup         ``ServerTeacher: cannot reach the te
 
 from __future__ import annotations
 
+import re
+
 import copy
 import sys
 from pathlib import Path
@@ -161,7 +163,8 @@ def test_lr_1e6_quickstart_ends_with_the_guards_message(tmp_path, monkeypatch, c
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     line = _one_error_line(err)
-    assert line.startswith("error: At global step 3: ") and "lr=1e+06 (the usual cause" in line, line
+    # the first NaN step depends on the install's float details (3 or 14 seen); the message's shape does not
+    assert re.match(r"error: At global step \d+: ", line) and "lr=1e+06 (the usual cause" in line, line
     assert "probability tensor" not in err
     last = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
