@@ -58,9 +58,8 @@ remote teacher unreachable at setup         ``ServerTeacher: cannot reach the te
 
 from __future__ import annotations
 
-import re
-
 import copy
+import re
 import sys
 from pathlib import Path
 
