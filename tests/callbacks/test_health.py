@@ -6,7 +6,6 @@ written from NaN weights or left half-written by a kill."""
 from __future__ import annotations
 
 import re
-
 import signal
 import subprocess
 import sys
