@@ -1,8 +1,9 @@
 """MAD-OPD benchmark: OPD from two complementary experts — each single teacher, ``routed``
 (MOPD), ``fixed`` (MT-OPD) and ``debate`` (MAD-OPD with the likelihood confidence) — on the
-quickstart task split into two halves.
+quickstart task split into two halves; plus ``debate_sharp``, the same debate with a sharper
+confidence temperature.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py                   # ~39 min on one shared CPU core (2026-12-06)
+    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py                   # ~49 min on one shared CPU core (2026-12-06)
     OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py --quick           # smoke test, < 1 min, no RESULTS.md
     OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py --opad-log FILE   # also quote bench_opad.py's output
 
@@ -31,21 +32,26 @@ Everything is built here, nothing is downloaded; teachers and runs are cached un
    configs/mad_opd/debate.yaml: each teacher answers the bare question at temperature 0.7; these
    tiny models emit no ``<<CONFIDENCE=N>>`` tags, so ``confidence: logprob``,
    c_k = 100·exp(mean log-prob of teacher k's own answer), w = softmax(c / 100); each teacher scores
-   the student after the bare question, since they cannot read a transcript).
+   the student after the bare question, since they cannot read a transcript); ``debate_sharp``
+   (the same debate with ``confidence_temperature`` τ = ``--sharp-temperature``, default 0.05:
+   w = softmax(c / 100 / τ); at τ = 1 two teachers can never get weights beyond 0.73 / 0.27).
 5. Reported: greedy exact-match accuracy before/after per arm, seed and half; wall time of each
    run's fit; the debate's mean weights per half (does the right expert get more weight where it
-   is strong?). ``madopd_vs_best_single`` (``routed_vs_best_single``) = the mean over seeds of the
-   paired difference debate (routed) − best single arm in overall accuracy, "best single" being
-   the single-teacher arm with the higher mean over seeds.
+   is strong?), for both debate arms. ``madopd_vs_best_single`` (``madopd_sharp_vs_best_single``,
+   ``routed_vs_best_single``) = the mean over seeds of the paired difference debate at τ = 1
+   (debate_sharp, routed) − best single arm in overall accuracy, "best single" being the
+   single-teacher arm with the higher mean over seeds.
 
-Writes benchmarks/mad_opd.png and (full run only, unless ``--no-append``) appends a dated section to
-benchmarks/RESULTS.md. Ends with ``RESULT madopd_vs_best_single <gain>`` and
-``RESULT routed_vs_best_single <gain>``.
+Writes benchmarks/mad_opd.png and (full run only, unless ``--no-append``) writes its dated section into
+benchmarks/RESULTS.md: it replaces this benchmark's earlier section (found by its heading) in place, or
+appends one if there is none. Ends with ``RESULT madopd_sharp_vs_best_single <gain>``,
+``RESULT madopd_vs_best_single <gain>`` and ``RESULT routed_vs_best_single <gain>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -72,7 +78,9 @@ from lit_opd.tasks import AdditionTask  # noqa: E402
 STUDENT = "lit_opd/assets/addition/student"
 TEACHER_ARCH = "configs/models/addition-teacher"
 HALVES = ("short", "three_digit")
-ARMS = ("single_short", "single_three_digit", "routed", "fixed", "debate")
+ARMS = ("single_short", "single_three_digit", "routed", "fixed", "debate", "debate_sharp")
+DEBATE_ARMS = ("debate", "debate_sharp")
+HEADING = "## MAD-OPD: single teachers vs routed / fixed / debate"  # this benchmark's RESULTS.md section
 TRAIN_SEED, VAL_SEED, TEACHER_DATA_SEED = 4, 2, 1  # TaskPrompts seeds (as the quickstart configs)
 TASK = AdditionTask(max_digits=3, reverse_answer=True)
 # configs/mad_opd/debate.yaml's texts: the tiny teachers know only "a+b=" -> reversed sum.
@@ -168,6 +176,8 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, train: list[dict], va
     path = args.out_dir / "runs" / f"{arm}_seed{seed}.json"
     key = {"arm": arm, "seed": seed, "steps": args.steps, "teacher_steps": args.teacher_steps,
            "teacher_rows": args.teacher_rows, "val_rows": args.val_rows, "train_rows": len(train)}
+    if arm == "debate_sharp":  # only this arm's key carries τ, so the other arms' caches stay valid
+        key["confidence_temperature"] = args.sharp_temperature
     if path.exists() and json.loads(path.read_text())["key"] == key:
         return json.loads(path.read_text())
     L.seed_everything(seed, verbose=False)
@@ -182,6 +192,11 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, train: list[dict], va
         kwargs = {"mode": "fixed", "weights": {h: 0.5 for h in HALVES}}
     elif arm == "debate":
         kwargs = {"mode": "debate", "debate": DEBATE}
+    elif arm == "debate_sharp":
+        kwargs = {"mode": "debate",
+                  "debate": dataclasses.replace(DEBATE, confidence_temperature=args.sharp_temperature)}
+    else:
+        raise ValueError(f"unknown arm {arm!r}")
     module = WeightProbe(STUDENT, experts, objective=Divergence(kind="jsd", beta=0.0, reduction="seq_mean"),
                          seed=seed, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0),
                          **kwargs)
@@ -194,7 +209,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, train: list[dict], va
     seconds = time.perf_counter() - started
     result = {"key": key, "arm": arm, "seed": seed, "before": before, "after": accuracy(module, dm),
               "seconds": seconds}
-    if arm == "debate":
+    if arm in DEBATE_ARMS:
         result["weights"] = {h: dict(zip(module.group.names, [s / max(module.weight_rows[h], 1)
                                                               for s in module.weight_sums[h]]))
                              for h in HALVES}
@@ -219,7 +234,7 @@ def plot(results: dict, seeds: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), sharey=True)
     for ax, part in zip(axes, ("overall", *HALVES)):
         before = mean([results[a][s]["before"][part] for a in ARMS for s in seeds])
         for i, arm in enumerate(ARMS):
@@ -227,7 +242,7 @@ def plot(results: dict, seeds: list[int], path: Path) -> None:
             ax.bar(i, mean(vals), color=f"C{i}", alpha=0.7)
             ax.plot([i] * len(vals), vals, "k.", ms=6)
         ax.axhline(before, color="grey", ls="--", lw=1, label="student before")
-        ax.set_xticks(range(len(ARMS)), [a.replace("single_", "single\n") for a in ARMS], fontsize=8)
+        ax.set_xticks(range(len(ARMS)), [a.replace("_", "\n", 1) for a in ARMS], fontsize=8)
         ax.set_title(f"{part} ({'all' if part == 'overall' else part} val prompts)", fontsize=9)
     axes[0].set_ylabel("greedy exact match after OPD")
     axes[0].legend(fontsize=8, loc="upper left")
@@ -242,7 +257,7 @@ def render(results: dict, teachers: dict, seeds: list[int], args: argparse.Names
            opad: list[str], total: float) -> str:
     day = datetime.date.today().isoformat()
     n_half = {h: sum(r["domain"] == h for r in rows(args.val_rows, VAL_SEED)) for h in HALVES}
-    lines = [f"## MAD-OPD: single teachers vs routed / fixed / debate — {day} — 1 CPU thread", "",
+    lines = [f"{HEADING} — {day} — 1 CPU thread", "",
              f"`OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py` (method: "
              f"lit_opd/methods/mad_opd/README.md). Reversed 1-3 digit addition split by domain "
              f"(`three_digit`: an operand has 3 digits; else `short`); val = the quickstart's {args.val_rows} "
@@ -252,7 +267,9 @@ def render(results: dict, teachers: dict, seeds: list[int], args: argparse.Names
              f"lit_opd/assets/addition/student; every arm MADOPDModule, forward KL (JSD β 0), seq_mean, "
              f"AdamW lr 2e-3, batch 64, {args.steps} steps, seeds {seeds}. debate: "
              f"rounds 1, confidence `logprob` (c_k = 100·exp(mean log-prob of the teacher's own sampled "
-             f"answer), w = softmax(c/100)), scoring after the bare prompt. Plot: `mad_opd.png`.", "",
+             f"answer), w = softmax(c/100)), scoring after the bare prompt; debate_sharp: the same with "
+             f"`confidence_temperature` τ = {args.sharp_temperature:g} (w = softmax(c/100/τ)). "
+             f"Plot: `mad_opd.png`.", "",
              "Teachers (greedy accuracy):", "", "| teacher | trained on | short | three_digit | overall | SFT time |",
              "|---|---|---|---|---|---|"]
     for h in HALVES:
@@ -271,14 +288,16 @@ def render(results: dict, teachers: dict, seeds: list[int], args: argparse.Names
         lines.append(f"| {arm} | {' | '.join(cells)} | {secs:.0f} |")
     lines += ["", f"Best single teacher by mean overall accuracy: `{best}`. Paired per-seed gains in overall accuracy:",
               ""]
-    for arm in ("routed", "fixed", "debate"):
+    for arm in ("routed", "fixed", *DEBATE_ARMS):
         g = gains(results, arm, best)
         lines.append(f"- {arm} − {best}: {' / '.join(f'{x:+.3f}' for x in g)} (mean {mean(g):+.3f})")
     lines += ["", "Debate weights (mean normalised w over training rows, all seeds):", "",
-              "| rows | w(`short`) | w(`three_digit`) |", "|---|---|---|"]
-    for h in HALVES:
-        ws = [results["debate"][s]["weights"][h] for s in seeds]
-        lines.append(f"| {h} | {mean([w['short'] for w in ws]):.3f} | {mean([w['three_digit'] for w in ws]):.3f} |")
+              "| arm | τ | rows | w(`short`) | w(`three_digit`) |", "|---|---|---|---|---|"]
+    for arm, tau in zip(DEBATE_ARMS, (DEBATE.confidence_temperature, args.sharp_temperature)):
+        for h in HALVES:
+            ws = [results[arm][s]["weights"][h] for s in seeds]
+            lines.append(f"| {arm} | {tau:g} | {h} | {mean([w['short'] for w in ws]):.3f} "
+                         f"| {mean([w['three_digit'] for w in ws]):.3f} |")
     if opad:
         lines += ["", "OPAD per-turn greedy accuracy, `OMP_NUM_THREADS=1 python benchmarks/bench_opad.py` run "
                   "right after this benchmark (one seed; setup in its docstring):", "", *opad]
@@ -287,10 +306,32 @@ def render(results: dict, teachers: dict, seeds: list[int], args: argparse.Names
     fits = sum(results[a][s]["seconds"] for a in ARMS for s in seeds)
     lines += ["", f"Time (one core, fits only, from the cached runs): teachers "
               f"{sum(t['seconds'] for t in teachers.values()) / 60:.1f} min, arms {fits / 60:.1f} min; this "
-              f"invocation {total / 60:.1f} min.", "", "```",
-              f"RESULT madopd_vs_best_single {mean(gains(results, 'debate', best)):.4f}",
-              f"RESULT routed_vs_best_single {mean(gains(results, 'routed', best)):.4f}", "```", ""]
+              f"invocation {total / 60:.1f} min.", "", "```", *result_lines(results, best), "```", ""]
     return "\n".join(lines)
+
+
+def result_lines(results: dict, best: str) -> list[str]:
+    return [f"RESULT madopd_sharp_vs_best_single {mean(gains(results, 'debate_sharp', best)):.4f}",
+            f"RESULT madopd_vs_best_single {mean(gains(results, 'debate', best)):.4f}",
+            f"RESULT routed_vs_best_single {mean(gains(results, 'routed', best)):.4f}"]
+
+
+def write_section(path: Path, section: str) -> str:
+    """Replace this benchmark's section of ``path`` (from its heading to the next ``## `` heading) in place,
+    or append it if there is none; returns what was done."""
+    text = path.read_text() if path.exists() else ""
+    found = [m.start() for m in re.finditer(rf"^{re.escape(HEADING)}\b", text, flags=re.M)]
+    if len(found) > 1:
+        raise SystemExit(f"{path} has {len(found)} sections headed {HEADING!r}; merge them by hand first")
+    if not found:
+        path.write_text(text + "\n" + section)
+        return "appended to"
+    start = found[0]
+    nxt = re.search(r"^## ", text[start + 1:], flags=re.M)
+    end = start + 1 + nxt.start() if nxt else len(text)
+    tail = text[end:]
+    path.write_text(text[:start] + section + ("\n" + tail if tail else ""))
+    return "replaced its section in"
 
 
 def main() -> None:
@@ -301,11 +342,13 @@ def main() -> None:
                         help="SFT steps of the short and the three_digit expert (the harder half gets more)")
     parser.add_argument("--teacher-rows", type=int, default=100000, help="rows drawn before the split by half")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sharp-temperature", type=float, default=0.05,
+                        help="confidence_temperature of the debate_sharp arm (debate itself keeps the paper's 1)")
     parser.add_argument("--val-rows", type=int, default=512)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench_mad_opd")
     parser.add_argument("--opad-log", type=Path, help="bench_opad.py's output: its RESULT lines are quoted")
     parser.add_argument("--notes", type=Path, help="a hand-written Markdown reading, appended to the section")
-    parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-append", action="store_true", help="do not write the section into RESULTS.md")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "mad_opd.png")
     args = parser.parse_args()
@@ -341,11 +384,9 @@ def main() -> None:
     section = render(results, teachers, args.seeds, args, best, opad, time.perf_counter() - start)
     print("\n" + section)
     if not args.no_append:
-        with args.results.open("a") as f:
-            f.write("\n" + section)
-        print(f"appended to {args.results}")
-    print(f"RESULT madopd_vs_best_single {mean(gains(results, 'debate', best)):.4f}")
-    print(f"RESULT routed_vs_best_single {mean(gains(results, 'routed', best)):.4f}")
+        print(f"{write_section(args.results, section)} {args.results}")
+    for line in result_lines(results, best):
+        print(line)
 
 
 if __name__ == "__main__":
