@@ -234,14 +234,15 @@ class OmniOPDModule(TaughtModule):
                                 temperature=self.objective.candidate_temperature)
         generator = torch.Generator(device=prefix_ids_AP.device)
         generator.manual_seed(step_seed(self.seed + 1, self.global_step, self.global_rank))
-        was_training = self.student.training
-        self.student.eval()
+        policy = self.policy  # what rollouts sample from (for a LoRA student, the model inside the PeftModel)
+        was_training = policy.training
+        policy.eval()
         try:
             trainer = self._trainer  # None outside a Trainer (``self.trainer`` would raise)
-            return sample(self.student, prefix_ids_AP, prefix_mask_AP, params, eos_ids(self.tokenizer),
+            return sample(policy, prefix_ids_AP, prefix_mask_AP, params, eos_ids(self.tokenizer),
                           self.tokenizer.pad_token_id, generator, ranks_agree(trainer) if trainer else None)
         finally:
-            self.student.train(was_training)
+            policy.train(was_training)
 
     def _candidate_counts(self, prefixes: list[list[int]], ids_ANC: torch.Tensor, mask_ANC: torch.Tensor,
                           continuations: list[list[str | None]]) -> tuple[torch.Tensor, torch.Tensor]:

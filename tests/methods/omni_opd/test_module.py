@@ -17,7 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lit_opd import HFTeacher, RolloutDataModule, SamplingParams, ServerTeacher, TaskPrompts
-from lit_opd.methods.omni_opd import OmniOPDModule, SpeculativeVerification
+from lit_opd.methods.omni_opd import GroupVerification, OmniOPDModule, SpeculativeVerification
 from lit_opd.models import check_tokenizers_compatible
 from lit_opd.objectives import Divergence
 from lit_opd.tasks import AdditionTask, char_tokenizer
@@ -194,14 +194,17 @@ def test_a_short_fit_moves_the_student_and_logs_every_metric_every_step(tmp_path
     assert float(rows[0]["train/anchor_kl"]) == 0.0  # the student is still its reference
 
 
-def _fit(root: Path, max_steps: int, ckpt_path: str | None = None) -> tuple[dict[int, float], L.Trainer]:
+def _fit(root: Path, max_steps: int, ckpt_path: str | None = None,
+         group: bool = False) -> tuple[dict[int, float], L.Trainer]:
     losses: dict[int, float] = {}
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
             losses[trainer.global_step - 1] = float(outputs["loss"])
 
-    module = OmniOPDModule(STUDENT, HFTextTeacher(TEACHER), objective=_objective(), seed=7,
+    objective = GroupVerification(candidates=3, chunk_tokens=2, max_audits=2, num_continuations=3) if group \
+        else _objective()
+    module = OmniOPDModule(STUDENT, HFTextTeacher(TEACHER), objective=objective, seed=7,
                            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     save = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_top_k=-1)
     trainer = make_trainer(root, max_steps, callbacks=[Record(), save], enable_checkpointing=True)
@@ -210,17 +213,19 @@ def _fit(root: Path, max_steps: int, ckpt_path: str | None = None) -> tuple[dict
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")  # run B checkpoints elsewhere on purpose
-def test_resume_repeats_the_unbroken_losses_and_the_checkpoint_names_teacher_and_objective(tmp_path):
-    unbroken, _ = _fit(tmp_path / "A", 7)
+@pytest.mark.parametrize("group", [False, True], ids=["reference", "group"])
+def test_resume_repeats_the_unbroken_losses_and_the_checkpoint_names_teacher_and_objective(tmp_path, group):
+    # the group objective also samples fresh candidates: seeded by the step, so a resume redraws them
+    unbroken, _ = _fit(tmp_path / "A", 7, group=group)
     ckpt = tmp_path / "A" / "ckpt" / "epoch=0-step=3.ckpt"
-    resumed, trainer = _fit(tmp_path / "B", 7, ckpt_path=str(ckpt))
+    resumed, trainer = _fit(tmp_path / "B", 7, ckpt_path=str(ckpt), group=group)
     assert sorted(resumed) == [3, 4, 5, 6] and len({round(v, 6) for v in resumed.values()}) == 4
     for step, loss in resumed.items():
         assert loss == pytest.approx(unbroken[step], rel=1e-5, abs=1e-6), (step, unbroken, resumed)
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert all(k.startswith("student.") for k in saved["state_dict"])
     assert saved["lit_opd"]["teacher"] == HFTextTeacher(TEACHER).identity()
-    assert saved["lit_opd"]["objective"]["class"] == "SpeculativeVerification"
+    assert saved["lit_opd"]["objective"]["class"] == ("GroupVerification" if group else "SpeculativeVerification")
     assert saved["lit_opd"]["objective"]["chunk_tokens"] == 2
 
 
