@@ -35,6 +35,7 @@ accuracy>`` and ``RESULT omniopd_vs_opd <mean of OmniOPD − OPD>``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -157,10 +158,10 @@ def curves(arm: str, run_dir: Path, extra: dict) -> dict:
     train = log.dropna(subset=["train/loss"]).sort_values("step")
     if "teacher/tokens" in train:  # the text teacher's own counters (cumulative)
         spent = dict(zip(train["step"].astype(int) + 1, train["teacher/tokens"].astype(float)))
-    else:
-        per_step = extra["sft_tokens_per_row"] * extra["batch"] if arm == "sft" else (
-            extra["batch"] * (extra["prompt_tokens"] + train["rollout/len_mean"]))
-        per_step = per_step if hasattr(per_step, "cumsum") else train["step"] * 0 + per_step
+    else:  # SFT: the teacher's samples it trains on; OPD: the tokens the teacher's forward read
+        row_tokens = (extra["sft_tokens_per_row"] if arm == "sft"
+                      else extra["prompt_tokens"] + train["rollout/len_mean"])
+        per_step = pd.Series(extra["batch"] * row_tokens, index=train.index)
         spent = dict(zip(train["step"].astype(int) + 1, per_step.cumsum().astype(float)))
     tokens = [0.0] + [spent.get(s, float("nan")) for s in steps[1:]]
     return {"eval_steps": steps, "accuracy": accuracy, "teacher_tokens": tokens,
@@ -382,19 +383,13 @@ def main() -> None:
         extra = {"samples": str(samples), "sft_tokens_per_row": tokens_per_row, "batch": batch,
                  "prompt_tokens": mean_prompt_tokens()}
         todo = jobs(args)
-        server = None
-        if any(arm == "omniopd_api" for arm, _, _ in todo):
-            server, served_model = serve_teacher()
-            root = server.__enter__()
-            extra.update(base_url=root + "/v1", served_model=served_model)
-        try:
-            with ThreadPoolExecutor(args.workers) as pool:
-                for result in pool.map(lambda job: run_arm(*job[:1], job[1], job[2], args.eval_every, extra), todo):
-                    print(f"{result['arm']} seed {result['seed']}: {result['accuracy'][0]:.3f} -> "
-                          f"{result['accuracy'][-1]:.3f} ({result['wall_s']:.0f} s)", flush=True)
-        finally:
-            if server is not None:
-                server.__exit__(None, None, None)
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(args.workers) as pool:
+            if any(arm == "omniopd_api" for arm, _, _ in todo):
+                server, served_model = serve_teacher()
+                extra.update(base_url=stack.enter_context(server) + "/v1", served_model=served_model)
+            for result in pool.map(lambda job: run_arm(job[0], job[1], job[2], args.eval_every, extra), todo):
+                print(f"{result['arm']} seed {result['seed']}: {result['accuracy'][0]:.3f} -> "
+                      f"{result['accuracy'][-1]:.3f} ({result['wall_s']:.0f} s)", flush=True)
     results = [json.loads(p.read_text()) for p in sorted((OUT / "results").glob("*.json"))]
     by_arm = summarize(results)
     print(table(by_arm))

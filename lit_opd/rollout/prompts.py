@@ -80,15 +80,22 @@ class PromptTokenizer:
         return eos[0] if isinstance(eos, (list, tuple)) else eos
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → ids and attention mask (B, P), left padded so every row's last token sits in the
+    last column (generation appends there)."""
+    P = max(len(r) for r in rows)
+    ids_BP = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    mask_BP = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids_BP[i, P - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask_BP[i, P - len(r) :] = 1
+    return ids_BP.to(device), mask_BP.to(device)
+
+
 def collate_prompts(records: list[dict], pad_id: int) -> PromptBatch:
-    """Left-pad prompts so every row's last token sits in the last column (generation appends there)."""
-    P = max(len(r["prompt_ids"]) for r in records)
-    ids_BP = torch.full((len(records), P), pad_id, dtype=torch.long)
-    mask_BP = torch.zeros((len(records), P), dtype=torch.long)
-    for i, r in enumerate(records):
-        n = len(r["prompt_ids"])
-        ids_BP[i, P - n :] = torch.tensor(r["prompt_ids"], dtype=torch.long)
-        mask_BP[i, P - n :] = 1
+    """Left-padded prompts (:func:`left_pad`) with their answers and source rows."""
+    ids_BP, mask_BP = left_pad([r["prompt_ids"] for r in records], pad_id)
     return PromptBatch(
         prompt_ids_BP=ids_BP,
         prompt_mask_BP=mask_BP,

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from lit_opd.rollout.datamodule import RolloutDataModule
-from lit_opd.rollout.prompts import eos_ids
+from lit_opd.rollout.prompts import eos_ids, left_pad
 from lit_opd.rollout.sampling import sample
 from lit_opd.rollout.sources import PromptSource
 from lit_opd.tasks.base import Task
@@ -201,12 +201,7 @@ class EpisodeRolloutDataModule(RolloutDataModule):
 
     def sample_turn(self, model, contexts: list[list[int]], params, generator, batch):  # noqa: ANN001, ANN201
         """One turn for each context (left padded on the batch's device)."""
-        device = batch.prompt_ids_BP.device
-        P = max(map(len, contexts))
-        ids_BP = torch.full((len(contexts), P), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
-        mask_BP = torch.zeros_like(ids_BP)
-        for i, ids in enumerate(contexts):
-            ids_BP[i, P - len(ids):], mask_BP[i, P - len(ids):] = torch.tensor(ids, device=device), 1
+        ids_BP, mask_BP = left_pad(contexts, self.tokenizer.pad_token_id, batch.prompt_ids_BP.device)
         return sample(model, ids_BP, mask_BP, params, eos_token_ids=eos_ids(self.tokenizer),
                       pad_token_id=self.tokenizer.pad_token_id, generator=generator)
 

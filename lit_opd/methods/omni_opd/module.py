@@ -26,41 +26,24 @@ from transformers import PreTrainedTokenizerBase
 from lit_opd.methods.base import default_optimizer
 from lit_opd.methods.omni_opd.audits import chunk_mask, pick_audits, repetition_loops
 from lit_opd.methods.omni_opd.group import Candidates, GroupVerification
-from lit_opd.methods.omni_opd.objective import AnchorTerms, SpeculativeVerification, Verdicts
+from lit_opd.methods.omni_opd.objective import AnchorTerms, SpeculativeVerification, Verdicts, gather_chunks
 from lit_opd.methods.omni_opd.similarity import semantic_count
 from lit_opd.methods.taught import TaughtModule
 from lit_opd.models import ModelSpec, completion_logits
 from lit_opd.objectives import divergences as D
 from lit_opd.rollout.datamodule import ranks_agree, step_seed
-from lit_opd.rollout.prompts import eos_ids
+from lit_opd.rollout.prompts import eos_ids, left_pad
 from lit_opd.rollout.sampling import sample
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch, SamplingParams
 
-def added_text(tokenizer: PreTrainedTokenizerBase, before_ids: list[int], chunk_ids: list[int]) -> str:
-    """The text ``chunk_ids`` add after ``before_ids``: decoded together, so a tokenizer that merges
-    across the boundary (spaces, byte pieces) gives the chunk's real characters."""
-    before = tokenizer.decode(before_ids, skip_special_tokens=True)
+def added_text(tokenizer: PreTrainedTokenizerBase, before_ids: list[int], before_text: str,
+               chunk_ids: list[int]) -> str:
+    """The text ``chunk_ids`` add after ``before_ids`` (decoded as ``before_text``): decoded together, so
+    a tokenizer that merges across the boundary (spaces, byte pieces) gives the chunk's real characters."""
     upto = tokenizer.decode(before_ids + chunk_ids, skip_special_tokens=True)
-    return upto[len(before):] if upto.startswith(before) else tokenizer.decode(chunk_ids, skip_special_tokens=True)
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists → left-padded ids and attention mask (B, P), the layout the sampler expects."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def chunk_ids(ids_BT: torch.Tensor, rows: list[int], starts: list[int], chunk_tokens: int) -> torch.Tensor:
-    """The C tokens of each audited chunk: (A, C)."""
-    cols_AC = torch.tensor(starts, device=ids_BT.device).unsqueeze(-1) + torch.arange(chunk_tokens, device=ids_BT.device)
-    return ids_BT[torch.tensor(rows, device=ids_BT.device).unsqueeze(-1), cols_AC]
+    return upto[len(before_text):] if upto.startswith(before_text) else tokenizer.decode(
+        chunk_ids, skip_special_tokens=True)
 
 
 #: One audit as the teacher sees it: (row, start, teacher prefix, chunk text, chunk ends the completion).
@@ -213,7 +196,7 @@ class OmniOPDModule(TaughtModule):
         fresh = self._fresh_chunks(prefix_ids_AP, prefix_mask_AP, N - 1)
         ids_ANC = torch.full((A, N, C), tok.pad_token_id, dtype=torch.long, device=prefix_ids_AP.device)
         mask_ANC = torch.zeros((A, N, C), dtype=torch.bool, device=prefix_ids_AP.device)
-        ids_ANC[:, 0] = chunk_ids(batch.completion_ids_BT, verdicts.rows, verdicts.starts, C)
+        ids_ANC[:, 0] = gather_chunks(batch.completion_ids_BT, verdicts.rows, verdicts.starts, C)
         mask_ANC[:, 0] = True
         width = fresh.tokens_BT.shape[1]
         ids_ANC[:, 1:, :width] = fresh.tokens_BT.view(A, N - 1, width)
@@ -250,10 +233,11 @@ class OmniOPDModule(TaughtModule):
         obj, tok = self.objective, self.tokenizer
         k_sem, answered = [], []
         for prefix, cands_NC, masks_NC, texts in zip(prefixes, ids_ANC.tolist(), mask_ANC.tolist(), continuations):
+            prefix_text = tok.decode(prefix, skip_special_tokens=True)  # once per audit, not per candidate
             row_k, row_n = [], []
             for ids, mask in zip(cands_NC, masks_NC):
                 ids = [i for i, m in zip(ids, mask) if m]
-                value, count = semantic_count(added_text(tok, prefix, ids), texts, obj.similarity_fn,
+                value, count = semantic_count(added_text(tok, prefix, prefix_text, ids), texts, obj.similarity_fn,
                                               bool(ids) and ids[-1] in self._eos)
                 row_k.append(value)
                 row_n.append(count)
@@ -277,6 +261,6 @@ class OmniOPDModule(TaughtModule):
             ids = batch.completion_ids_BT[row].tolist()
             for start in sorted(row_starts):
                 before = tok.decode(ids[:start], skip_special_tokens=True)
-                chunk = added_text(tok, ids[:start], ids[start : start + C])
+                chunk = added_text(tok, ids[:start], before, ids[start : start + C])
                 out.append((row, start, prompt + before, chunk, ids[start + C - 1] in self._eos))
         return out

@@ -87,12 +87,12 @@ def chunk_weights(target_A: Tensor, pi_bar_A: Tensor, baseline: str) -> Tensor:
     return target_A
 
 
-def chunk_logp(logp_BT: Tensor, rows: list[int], starts: list[int], chunk_tokens: int) -> Tensor:
-    """log π_θ of every token of every chunk: (A, C)."""
-    rows_A1 = torch.tensor(rows, dtype=torch.long, device=logp_BT.device).unsqueeze(-1)
-    cols_AC = torch.tensor(starts, dtype=torch.long, device=logp_BT.device).unsqueeze(-1)
-    cols_AC = cols_AC + torch.arange(chunk_tokens, device=logp_BT.device)
-    return logp_BT[rows_A1, cols_AC]
+def gather_chunks(values_BT: Tensor, rows: list[int], starts: list[int], chunk_tokens: int) -> Tensor:
+    """The C entries of every chunk (row, start) of a (B, T) tensor — log-probs, token ids: (A, C)."""
+    rows_A1 = torch.tensor(rows, dtype=torch.long, device=values_BT.device).unsqueeze(-1)
+    cols_AC = torch.tensor(starts, dtype=torch.long, device=values_BT.device).unsqueeze(-1)
+    cols_AC = cols_AC + torch.arange(chunk_tokens, device=values_BT.device)
+    return values_BT[rows_A1, cols_AC]
 
 
 def anchor_kl(student_logits_BTV: Tensor, reference_logits_BTV: Tensor) -> Tensor:
@@ -172,7 +172,7 @@ class SpeculativeVerification(Objective):
         chunk_total = logp_BT.new_zeros(())
         metrics: dict[str, Tensor | float] = {}
         if verdicts.rows:
-            logp_AC = chunk_logp(logp_BT, verdicts.rows, verdicts.starts, C)
+            logp_AC = gather_chunks(logp_BT, verdicts.rows, verdicts.starts, C)
             pi_bar_A = logp_AC.detach().mean(-1).exp()
             target_A = posterior_target(verdicts.k_sem_A.to(device), verdicts.answered_A.to(device),
                                         pi_bar_A, self.alpha)
