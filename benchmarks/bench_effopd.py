@@ -65,13 +65,14 @@ import torch  # noqa: E402
 
 from lit_opd import Divergence, HFTeacher, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
 from lit_opd.callbacks import EffOPDCallback, UpdateDynamicsCallback  # noqa: E402
-from lit_opd.methods.eff_opd.callback import policy_of, select_parameters  # noqa: E402
+from lit_opd.methods.eff_opd.callback import loss_score, policy_of, scoring_context, select_parameters  # noqa: E402
 from lit_opd.tasks import AdditionTask  # noqa: E402
 
 STUDENT = "lit_opd/assets/addition/student"
 TEACHER = "lit_opd/assets/addition/teacher"
 TRAIN_SEED, VAL_SEED, SCORE_SEED = 4, 2, 3  # TaskPrompts seeds: training, reported val, EffOPD score set
 ARMS = ("plain", "effopd")
+WORKER_ARMS = ARMS + ("effopd_loss",)  # effopd_loss: the regime sweep's loss-score variant
 
 
 # ----- one run (a worker process) ----------------------------------------------------------------
@@ -81,7 +82,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     L.seed_everything(seed, verbose=False)
     module = OPDModule(
         STUDENT, HFTeacher(TEACHER), objective=Divergence(kind="jsd", beta=0.0),
-        optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0),
     )
     sampling = SamplingParams(max_new_tokens=6, temperature=1.0)
     data = RolloutDataModule(
@@ -108,7 +109,10 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     snapshots = Snapshots(clock, {step for window in windows for step in window})
     if arm == "plain":
         callbacks.append(snapshots)
-    if arm == "effopd":
+    if arm.startswith("effopd"):
+        if arm == "effopd_loss":
+            score_fn = HeldOutLoss(score_data)
+            callbacks.append(score_fn)
         effopd = EffOPDCallback(schedule="pow2", num_trials=5, initial_factor=2.0, score_fn=score_fn, seed=0)
         callbacks += [Recorder(clock, None, args.steps, pow2, "pre"), effopd]
     callbacks.append(recorder)
@@ -123,7 +127,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     points = sorted(recorder.points + [p for c in callbacks if isinstance(c, Recorder) and c is not recorder
                                        for p in c.points], key=lambda p: (p["step"], p["kind"] != "pre"))
     result = {
-        "arm": arm, "seed": seed, "steps": args.steps, "eval_every": args.eval_every,
+        "arm": arm, "seed": seed, "steps": args.steps, "eval_every": args.eval_every, "lr": args.lr,
         "val_rows": args.val_rows, "score_rows": args.score_rows, "points": points,
         "process_seconds": total, "excluded_seconds": clock.excluded_wall,
         "dynamics_history": dynamics.history, "dynamics_final": dynamics.summary(),
@@ -133,6 +137,24 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
         result["rank1"] = rank1_probe(module, data, dynamics)
         result["line_scan"] = line_scan(module, data, snapshots.saved, windows)
     return result
+
+
+class HeldOutLoss(L.Callback):
+    """EffOPD's ``score="loss"`` (minus the method's loss, higher is better) on EffOPD's own score
+    prompts, sampled once by the student when training starts, as the callback's loss cache does.
+    The callback's built-in loss score reads the DataModule's validation prompts, which here are
+    the reported set; this keeps the search off them."""
+
+    def __init__(self, score_data: RolloutDataModule) -> None:
+        self.score_data, self.batches = score_data, []
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        with scoring_context(pl_module, seed=0):
+            self.batches = [self.score_data.rollout(batch.to(pl_module.device), pl_module, "student", 0)
+                            for batch in self.score_data.val_dataloader()]
+
+    def __call__(self, trainer, pl_module) -> float:  # noqa: ANN001
+        return loss_score(pl_module, self.batches)
 
 
 SCAN_MULTIPLIERS = (0.0, 0.5, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
@@ -303,7 +325,7 @@ def launch(arm: str, seed: int, args: argparse.Namespace) -> tuple[subprocess.Po
     cmd = [sys.executable, __file__, "--worker", arm, "--seeds", str(seed), "--steps", str(args.steps),
            "--eval-every", str(args.eval_every), "--val-rows", str(args.val_rows),
            "--score-rows", str(args.score_rows), "--dyn-every", str(args.dyn_every),
-           "--ref-step", str(args.ref_step), "--out-dir", str(args.out_dir)]
+           "--ref-step", str(args.ref_step), "--lr", str(args.lr), "--out-dir", str(args.out_dir)]
     log = open(args.out_dir / f"{arm}_seed{seed}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), path
 
@@ -555,6 +577,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (one plain/EffOPD pair each)")
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (the quickstart's 2e-3)")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--val-rows", type=int, default=512, help="reported validation prompts (seed 2)")
     parser.add_argument("--score-rows", type=int, default=512, help="EffOPD's own score prompts (seed 3)")
@@ -567,7 +590,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/effopd.png")
     parser.add_argument("--notes", type=Path, default=None, help="a Markdown file appended to the section")
-    parser.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=WORKER_ARMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.eval_every, args.val_rows, args.score_rows = "0", 40, 10, 128, 128
