@@ -1,0 +1,45 @@
+"""benchmarks/bench_effopd_regimes.py --quick runs end to end (two learning rates, plain / EffOPD /
+EffOPD with the loss score, 40 steps, one seed), writes its plot into its own run folder, never
+RESULTS.md, ends with its two RESULT lines, and re-renders the same table from its cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def run_bench(tmp_path: Path, *extra: str) -> list[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_effopd_regimes.py"), "--quick", "--out-dir", str(tmp_path),
+         "--results", str(tmp_path / "RESULTS.md"), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_bench_effopd_regimes_quick(tmp_path: Path) -> None:
+    lines = run_bench(tmp_path)
+    assert lines[-2].startswith("RESULT effopd_best_regime_speedup ")
+    assert lines[-1].startswith("RESULT effopd_speedup ")
+    float(lines[-2].split()[-1]), float(lines[-1].split()[-1])  # numbers, or nan when nothing is measurable
+    assert lines[-3].startswith("best regime: ")
+    rows = [line for line in lines if line.startswith(("| 2e-3 | 40 |", "| 2e-4 | 40 |"))]
+    assert [r.split(" | ")[3] for r in rows] == ["greedy accuracy", "greedy accuracy", "loss on rollouts"]
+    for arm in ("plain", "effopd"):
+        assert (tmp_path / "quick" / "lr2e-3" / f"{arm}_seed0.json").exists()
+    assert (tmp_path / "quick" / "lr2e-4" / "effopd_loss_seed0.json").exists()
+    assert (tmp_path / "quick" / "effopd_regimes.png").exists()
+    assert not (tmp_path / "RESULTS.md").exists()
+    # a second call finds every run cached and renders the same table and RESULT lines
+    again = run_bench(tmp_path, "--report-only")
+    assert [line for line in again if line.startswith("| ")] == [line for line in lines if line.startswith("| ")]
+    assert again[-2:] == lines[-2:]
