@@ -38,6 +38,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import bench_effopd as base  # the worker, the clock-excluded evaluations and compare()
@@ -130,7 +131,7 @@ def load(regimes: tuple[Regime, ...], seeds: list[int], args: argparse.Namespace
 
 
 # ----- summarising ------------------------------------------------------------------------------------
-def med(values) -> float:  # noqa: ANN001
+def med(values: Iterable[float | None]) -> float:
     values = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.median(values) if values else math.nan
 
@@ -194,7 +195,7 @@ def render(summaries: list[dict], seeds: list[int], meta: dict) -> str:
         f"## EffOPD across update regimes — {meta['date']} — 2-core CPU (this project's dev machine)",
         "",
         f"`{meta['command']}` (runtime {meta['runtime']}; load average {meta['load_start']} at the start, "
-        f"{meta['load_end']} at the end). The quickstart task, models, data and evaluation sets of the section "
+        f"{meta['load_end']} at the end). The quickstart task, models, data and evaluation sets of the first EffOPD section "
         "above (512 reported validation prompts; EffOPD scores its own 512 prompts), EffOPD as the paper "
         "specifies it (pow2 schedule, trials 3, 5, 7, 9, 11 × d); one AdamW learning rate per regime, "
         f"seeds {', '.join(map(str, seeds))}, plain OPD and OPD + EffOPD from the same seed. ‖d‖/‖θ‖: how far "
@@ -204,7 +205,7 @@ def render(summaries: list[dict], seeds: list[int], meta: dict) -> str:
         "matrices at the end; |cos u₁|: its top left singular vector at the end against the one at the "
         "reference step. Speed-up: the steps (wall time) plain OPD needs to first reach T over those EffOPD "
         "needs, T = the lower of the two runs' final accuracies, so two identical runs give 1.00× (< : EffOPD "
-        "ended below plain OPD; the section above used plain's last step as the numerator instead); "
+        "ended below plain OPD; the first EffOPD section used plain's last step as the numerator instead); "
         f"— : plain OPD gained less than {MIN_GAIN} accuracy, so there is nothing to speed up.",
         "",
         "| lr | steps | plain acc step 0 → end | EffOPD score | ‖d‖/‖θ‖ last pow2 window (16-step) | best m "
