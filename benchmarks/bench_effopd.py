@@ -83,7 +83,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     task = AdditionTask(max_digits=3, reverse_answer=True)
     L.seed_everything(seed, verbose=False)
     module = OPDModule(
-        STUDENT, HFTeacher(TEACHER), objective=Divergence(kind="jsd", beta=0.0),
+        args.student, HFTeacher(TEACHER), objective=Divergence(kind="jsd", beta=0.0),
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0),
     )
     sampling = SamplingParams(max_new_tokens=6, temperature=1.0)
@@ -131,7 +131,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     points = sorted(recorder.points + [p for c in callbacks if isinstance(c, Recorder) and c is not recorder
                                        for p in c.points], key=lambda p: (p["step"], p["kind"] != "pre"))
     result = {
-        "arm": arm, "seed": seed, "steps": args.steps, "eval_every": args.eval_every, "lr": args.lr,
+        "arm": arm, "seed": seed, "steps": args.steps, "eval_every": args.eval_every, "lr": args.lr, "student": str(args.student),
         "val_rows": args.val_rows, "score_rows": args.score_rows, "points": points,
         "process_seconds": total, "excluded_seconds": clock.excluded_wall,
         "dynamics_history": dynamics.history, "dynamics_final": dynamics.summary(),
@@ -329,7 +329,7 @@ def launch(arm: str, seed: int, args: argparse.Namespace) -> tuple[subprocess.Po
     cmd = [sys.executable, __file__, "--worker", arm, "--seeds", str(seed), "--steps", str(args.steps),
            "--eval-every", str(args.eval_every), "--val-rows", str(args.val_rows),
            "--score-rows", str(args.score_rows), "--dyn-every", str(args.dyn_every),
-           "--ref-step", str(args.ref_step), "--lr", str(args.lr), "--out-dir", str(args.out_dir)]
+           "--ref-step", str(args.ref_step), "--lr", str(args.lr), "--student", str(args.student), "--out-dir", str(args.out_dir)]
     log = open(args.out_dir / f"{arm}_seed{seed}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), path
 
@@ -579,6 +579,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (one plain/EffOPD pair each)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (the quickstart's 2e-3)")
+    parser.add_argument("--student", default=STUDENT, help="the student's path (default: the quickstart's)")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--val-rows", type=int, default=512, help="reported validation prompts (seed 2)")
     parser.add_argument("--score-rows", type=int, default=512, help="EffOPD's own score prompts (seed 3)")
