@@ -354,7 +354,7 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=600, help="SFT steps of the warm-start student")
     parser.add_argument("--val-rows", type=int, default=512)
     parser.add_argument("--score-rows", type=int, default=512)
-    parser.add_argument("--quick", action="store_true", help="2 regimes, 1 seed, 40 steps; no RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 small regimes, 1 seed, 40 steps; no RESULTS.md")
     parser.add_argument("--report-only", action="store_true", help="re-render from the cached runs")
     parser.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--notes", type=Path, default=None, help="a Markdown file appended to the section")
