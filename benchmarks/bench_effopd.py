@@ -66,7 +66,9 @@ import torch  # noqa: E402
 
 from lit_opd import Divergence, HFTeacher, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
 from lit_opd.callbacks import EffOPDCallback, UpdateDynamicsCallback  # noqa: E402
-from lit_opd.methods.eff_opd.callback import loss_score, policy_of, scoring_context, select_parameters  # noqa: E402
+from lit_opd.methods.eff_opd.callback import (  # noqa: E402
+    held_out_rollouts, loss_score, policy_of, select_parameters,
+)
 from lit_opd.tasks import AdditionTask  # noqa: E402
 
 STUDENT = "lit_opd/assets/addition/student"
@@ -153,9 +155,7 @@ class HeldOutLoss(L.Callback):
         self.score_data, self.batches = score_data, []
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-        with scoring_context(pl_module, seed=0):
-            self.batches = [self.score_data.rollout(batch.to(pl_module.device), pl_module, "student", 0)
-                            for batch in self.score_data.val_dataloader()]
+        self.batches = held_out_rollouts(self.score_data, pl_module, seed=0)
 
     def __call__(self, trainer, pl_module) -> float:  # noqa: ANN001
         return loss_score(pl_module, self.batches)

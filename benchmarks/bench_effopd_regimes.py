@@ -204,15 +204,15 @@ def scan_summary(plains: list[dict]) -> list[dict]:
     return out
 
 
-def pow2_last(scan: list[dict]) -> dict:
-    """The last pow2 window s/2 → s (the last search's window when nothing was kept)."""
-    return [w for w in scan if w["window"][1] == 2 * w["window"][0]][-1]
+def pow2_windows(scan: list[dict]) -> list[dict]:
+    """The scanned windows s/2 → s: the ones EffOPD's searches see when nothing is kept."""
+    return [w for w in scan if w["window"][1] == 2 * w["window"][0]]
 
 
 def steepest(scan: list[dict]) -> dict:
     """The pow2 window along which accuracy rose most (m = 1 against m = 0): where the learning was."""
     one, zero = base.SCAN_MULTIPLIERS.index(1.0), base.SCAN_MULTIPLIERS.index(0.0)
-    return max((w for w in scan if w["window"][1] == 2 * w["window"][0]), key=lambda w: w["acc"][one] - w["acc"][zero])
+    return max(pow2_windows(scan), key=lambda w: w["acc"][one] - w["acc"][zero])
 
 
 def summarise(regime: Regime, runs: dict) -> dict:
@@ -220,7 +220,7 @@ def summarise(regime: Regime, runs: dict) -> dict:
     scan = scan_summary(plains)
     picture = base.dynamics_picture(plains)
     out = {
-        "regime": regime, "scan": scan, "last": pow2_last(scan), "rise": steepest(scan),
+        "regime": regime, "scan": scan, "last": pow2_windows(scan)[-1], "rise": steepest(scan),
         "short": [w for w in scan if w["window"][1] - w["window"][0] == 16][-1],  # the one ending at the last pow2 step
         "acc0": med(base.grid(p)[0]["acc"] for p in plains), "acc_end": med(base.grid(p)[-1]["acc"] for p in plains),
         "energy": med(v["top1_energy"] for v in picture.values()),
@@ -347,6 +347,28 @@ def best_regime(summaries: list[dict]) -> tuple[str, float]:
     return max(options, key=lambda o: o[1]) if options else ("none measurable", math.nan)
 
 
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+def sweep_meta(args: argparse.Namespace, ran: int, total: int, seconds: float, load_start: str) -> dict:
+    """What the section says about the sweep's run, kept in ``--out-dir/meta.json``. Nothing ran: the
+    cache's figures. Some runs were added to a cache: this call's time is added to the cache's as one
+    more piece, so the runtime stays the whole sweep's cost."""
+    path = args.out_dir / "meta.json"
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old is not None and not ran:
+        return old
+    pieces = (old.get("pieces_s", []) if old is not None and ran < total else []) + [round(seconds)]
+    runtime = minutes(sum(pieces)) + (f" in {len(pieces)} cached pieces: {', '.join(map(minutes, pieces))}"
+                                      if len(pieces) > 1 else "")
+    meta = {"date": time.strftime("%Y-%m-%d"), "load_start": old["load_start"] if len(pieces) > 1 else load_start,
+            "load_end": base.load_avg(), "runtime": runtime, "pieces_s": pieces, "warm_steps": args.warm_steps,
+            "command": "python benchmarks/bench_effopd_regimes.py" + (" --quick" if args.quick else "")}
+    path.write_text(json.dumps(meta))
+    return meta
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
@@ -372,16 +394,8 @@ def main() -> None:
     if not args.report_only and any(r.warm for r in regimes):
         build_warm_student(args)
     ran = 0 if args.report_only else run_missing(regimes, seeds, args)
-    runtime = time.perf_counter() - started
-    meta_path = args.out_dir / "meta.json"
-    meta = {"date": time.strftime("%Y-%m-%d"), "load_start": load_start, "load_end": base.load_avg(),
-            "runtime": f"{int(runtime // 60)} min {int(runtime % 60)} s",
-            "command": "python benchmarks/bench_effopd_regimes.py" + (" --quick" if args.quick else ""),
-            "warm_steps": args.warm_steps}
-    if not ran and meta_path.exists():  # nothing ran: keep the figures of the run that made the cache
-        meta = json.loads(meta_path.read_text())
-    else:
-        meta_path.write_text(json.dumps(meta))
+    total = sum(len(r.arms) for r in regimes) * len(seeds)
+    meta = sweep_meta(args, ran, total, time.perf_counter() - started, load_start)
     summaries = [summarise(r, runs) for r, runs in zip(regimes, load(regimes, seeds, args).values())]
     plot_path = args.out_dir / "effopd_regimes.png" if args.no_append else ROOT / "benchmarks" / "effopd_regimes.png"
     plot(summaries, plot_path)

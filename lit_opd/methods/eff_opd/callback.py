@@ -183,6 +183,20 @@ def scoring_context(pl_module: L.LightningModule, seed: int) -> Iterator[None]:
                 module.train(training)
 
 
+def held_out_rollouts(
+    datamodule: RolloutDataModule, pl_module: L.LightningModule, seed: int, max_batches: int | None = None
+) -> list[RolloutBatch]:
+    """The student's rollouts of ``datamodule``'s validation prompts (at most ``max_batches``
+    batches), drawn inside :func:`scoring_context`: the held-out batches of the loss score."""
+    rollouts = []
+    with scoring_context(pl_module, seed):
+        for i, batch in enumerate(datamodule.val_dataloader()):
+            if i == max_batches:
+                break
+            rollouts.append(datamodule.rollout(batch.to(pl_module.device), pl_module, "student", 0))
+    return rollouts
+
+
 # ----- the callback ---------------------------------------------------------------------------
 class EffOPDCallback(L.Callback):
     """EffOPD on any lit_opd method: see the module docstring for the algorithm.
@@ -318,14 +332,9 @@ class EffOPDCallback(L.Callback):
 
     def _roll_out_validation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         datamodule = trainer.datamodule
-        loader = datamodule.val_dataloader() if isinstance(datamodule, RolloutDataModule) else []
         cache = []
-        with scoring_context(pl_module, self.seed):
-            for i, batch in enumerate(loader):
-                if i == self.loss_batches:
-                    break
-                rollout = datamodule.rollout(batch.to(pl_module.device), pl_module, "student", 0)
-                cache.append(rollout.to_state())
+        if isinstance(datamodule, RolloutDataModule):
+            cache = [r.to_state() for r in held_out_rollouts(datamodule, pl_module, self.seed, self.loss_batches)]
         if not cache:
             raise ValueError("EffOPDCallback(score='loss') needs a RolloutDataModule with validation "
                              "prompts: set its val_source or val_size > 0")
