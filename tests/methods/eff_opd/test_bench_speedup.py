@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def bench_effopd():  # noqa: ANN201 - the benchmark script as a module
+def bench_effopd() -> ModuleType:  # the benchmark script as a module
     spec = importlib.util.spec_from_file_location("bench_effopd", ROOT / "benchmarks" / "bench_effopd.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("bench_effopd", module)
