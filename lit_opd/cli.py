@@ -40,6 +40,11 @@ class OPDCLI(LightningCLI):
         kwargs.setdefault("parser_class", OPDArgumentParser)
         super().__init__(*args, **kwargs)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning loads ckpt_path (weights only) next: a refused file is reported with its setting.
+        errors.remember_settings(self.config)
+
     def before_instantiate_classes(self) -> None:
         # A model directory that fails to load is reported with the setting that named it.
         errors.remember_settings(self.config)
@@ -134,6 +139,11 @@ def export_main(argv: list[str]) -> None:
         out = export_checkpoint(
             cfg.ckpt_path, cfg.out, overwrite=cfg.overwrite, adapters_only=cfg.adapters_only, base=cfg.base
         )
+    except errors.UnsafeCheckpoint as err:  # nothing from it ran, nothing written: one line, exit 1
+        if errors.debug_requested():
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(1)
     except (OSError, ValueError, ImportError) as err:  # one clear line, no traceback, nothing written
         parser.error(str(err))
     what = "LoRA adapters" if cfg.adapters_only else "student"

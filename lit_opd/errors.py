@@ -6,7 +6,10 @@ What counts as the user's error (:func:`find_user_error`):
 * a ``ValueError``, ``OSError`` (``FileNotFoundError`` included) or ``ImportError`` raised by
   lit_opd's own code: by the project's convention these are its validation errors, and their
   message already names the setting and the fix;
-* either of the above wrapped by jsonargparse while it builds the objects of a config.
+* either of the above wrapped by jsonargparse while it builds the objects of a config;
+* torch's refusal to load a checkpoint with ``weights_only=True`` (an ``UnpicklingError`` that starts
+  "Weights only load failed"), anywhere in the exception chain: the file holds pickled Python objects
+  that could run code (:func:`weights_only_refusal`). Other unpickling errors stay bugs.
 
 Everything else (a ``TypeError``, ``KeyError``, ``RuntimeError``, or a ``ValueError`` raised inside
 torch / transformers) is treated as a bug and keeps its traceback. ``LIT_OPD_DEBUG=1`` shows the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 import sys
 import traceback
@@ -75,6 +79,11 @@ class NonFiniteError(UserError, FloatingPointError):
         return " ".join(parts)
 
 
+class UnsafeCheckpoint(UserError, pickle.UnpicklingError):
+    """A checkpoint that holds pickled Python objects besides tensors and plain data (loading it could
+    run code), refused by ``torch.load(..., weights_only=True)`` before anything in it ran."""
+
+
 # ----- telling user errors apart --------------------------------------------------------------
 def raised_in(err: BaseException, directory: Path | str) -> bool:
     """Whether the innermost frame of ``err``'s traceback (where it was raised) lies under ``directory``."""
@@ -104,19 +113,66 @@ def find_user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+# ----- checkpoints torch refuses to unpickle ---------------------------------------------------
+WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+
+
+def weights_only_refusal(err: BaseException | None) -> BaseException | None:
+    """torch's refusal to unpickle a file with ``weights_only=True`` (the file holds other Python
+    objects) anywhere in ``err``'s chain, else None. Other unpickling errors are not matched."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, pickle.UnpicklingError) and str(err).startswith(WEIGHTS_ONLY_REFUSAL):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def unsafe_checkpoint_message(subject: str, refusal: BaseException | None = None) -> str:
+    """The one line for a refused checkpoint; ``subject`` names the file (e.g. ``ckpt_path='x.ckpt'``)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(refusal)) if refusal is not None else None
+    example = f" (first found: {found.group(1)})" if found else ""
+    return (f"{subject} holds Python objects other than tensors and plain data{example}, which could run "
+            "code when loaded; nothing from it was run or loaded. Use a checkpoint written by lit_opd or by "
+            "a source you trust.")
+
+
+def _loaded_by_lightning(err: BaseException) -> bool:
+    """Whether the code that called ``torch.load`` (the last frame outside torch) is Lightning's, i.e.
+    the refused file is the run's ``ckpt_path`` and not, say, a callback's own file."""
+    import lightning
+    import torch
+
+    torch_dir, lightning_dir = (Path(m.__file__).resolve().parent for m in (torch, lightning))
+    frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ is not None else []
+    callers = [Path(f.filename).resolve() for f in frames]
+    callers = [f for f in callers if not f.is_relative_to(torch_dir)]
+    return bool(callers) and callers[-1].is_relative_to(lightning_dir)
+
+
+def _refused_subject(refusal: BaseException) -> str:
+    path = _SETTINGS.get("ckpt_path")
+    if path and _loaded_by_lightning(refusal):
+        return f"ckpt_path={path!r}"
+    return "A file that torch.load read with weights_only=True"
+
+
 # ----- naming the setting ---------------------------------------------------------------------
 _SETTINGS: dict[str, str] = {}
 
 
 def remember_settings(config) -> None:  # noqa: ANN001 - a jsonargparse Namespace
-    """Keep the config's path-like string values (``key -> value``), so a message that quotes one,
-    e.g. a model directory that does not load, can name the setting it came from."""
+    """Keep the config's path-like string values (``key -> value``) and its ``ckpt_path``, so a
+    message that quotes one, e.g. a model directory that does not load, can name the setting it
+    came from."""
     subcommand = config.get("subcommand") if hasattr(config, "get") else None
     prefix = f"{subcommand}." if subcommand else ""
     _SETTINGS.clear()
     for key, value in config.items():
-        if isinstance(value, str) and ("/" in value or os.sep in value):
-            _SETTINGS[key.removeprefix(prefix)] = value
+        key = key.removeprefix(prefix)
+        if isinstance(value, str) and ("/" in value or os.sep in value or key == "ckpt_path"):
+            _SETTINGS[key] = value
 
 
 def settings_quoted_in(message: str) -> list[str]:
@@ -127,7 +183,8 @@ def user_message(err: BaseException) -> str | None:
     """The one line the CLI prints for a user error (prefixed by the setting it names), else None."""
     found = find_user_error(err)
     if found is None:
-        return None
+        refusal = weights_only_refusal(err)
+        return None if refusal is None else unsafe_checkpoint_message(_refused_subject(refusal), refusal)
     message = str(found).strip() or type(found).__name__
     keys = settings_quoted_in(message)
     if len(keys) == 1:

@@ -7,14 +7,21 @@ time. By default the adapters are merged into it (``merge_and_unload``) and a pl
 model is written; ``adapters_only`` writes the peft adapter directory instead
 (``PeftModel.from_pretrained(base, out)`` loads it). A QLoRA student is merged into the
 unquantized base, so the merged model differs from the trained one by the quantization error.
+
+The checkpoint is read with ``torch.load(..., weights_only=True)``: lit_opd writes only tensors and
+plain data, and a file that holds other pickled Python objects (which could run code when loaded)
+is refused with :class:`~lit_opd.errors.UnsafeCheckpoint` before anything in it runs or is written.
 """
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from lit_opd.errors import UnsafeCheckpoint, unsafe_checkpoint_message, weights_only_refusal
 
 # Config entries that must agree between a LoRA checkpoint's student and the base it is put on.
 _ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
@@ -33,7 +40,12 @@ def export_checkpoint(
         raise FileNotFoundError(f"export --ckpt_path {ckpt_path!r} does not exist")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"export --out {out!r} is not empty; choose a new directory or pass --overwrite true")
-    checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if weights_only_refusal(err) is None:
+            raise
+        raise UnsafeCheckpoint(unsafe_checkpoint_message(f"export --ckpt_path {ckpt_path!r}", err)) from err
     info = checkpoint.get("lit_opd")
     if not info or not info.get("student_config"):
         raise ValueError(f"{ckpt_path} is not a lit_opd checkpoint of a transformers student (no student config)")

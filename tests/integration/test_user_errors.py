@@ -53,12 +53,20 @@ remote teacher unreachable at setup         ``ServerTeacher: cannot reach the te
                                             http://127.0.0.1:PORT/v1 (APIConnectionError). Start it
                                             first (e.g. `python -m lit_opd serve-teacher ...`) or fix
                                             base_url.`` (``TeacherUnreachable``, a UserError)
+checkpoint that holds pickled code          ``ckpt_path='x.ckpt' holds Python objects other than
+                                            tensors and plain data (first found: posix.system), which
+                                            could run code when loaded; nothing from it was run or
+                                            loaded. Use a checkpoint written by lit_opd or by a
+                                            source you trust.`` (fit/validate/test --ckpt_path;
+                                            ``export --ckpt_path 'x.ckpt' holds ...``, exit 1,
+                                            nothing written; test_unsafe_checkpoint.py)
 ==========================================  ==========================================================
 """
 
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -230,3 +238,5 @@ def test_the_suites_other_bad_inputs_count_as_user_errors(char_tok, monkeypatch)
     # bugs are not the user's: a KeyError, and a ValueError raised inside torch
     assert user_message(_raise(dict().__getitem__, "x")) is None
     assert user_message(_raise(torch.optim.AdamW, [torch.zeros(1)], lr=-1.0)) is None
+    # an unpickling error other than torch's weights-only refusal (unsafe checkpoint) stays a bug
+    assert user_message(_raise(pickle.loads, b"not a pickle")) is None
