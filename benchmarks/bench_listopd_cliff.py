@@ -100,7 +100,7 @@ def sft(config: str, out: Path, steps: int, data_seed: int) -> float:
     module = SFTModule(ModelSpec(path=str(ROOT / config), random_init=True),
                        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0))
     data = RolloutDataModule(TaskPrompts(TASK, num_rows=20000, seed=data_seed), val_size=0, batch_size=64,
-                             sampling=SamplingParams(max_new_tokens=32, engine=ENGINE))
+                             sampling=SamplingParams(max_new_tokens=32, decode_step=ENGINE))
     trainer(steps).fit(module, data)
     module.student.save_pretrained(out)
     module.tokenizer.save_pretrained(out)
@@ -173,7 +173,7 @@ def datamodule(seed: int, val_rows: int) -> RolloutDataModule:
     return RolloutDataModule(
         TaskPrompts(TASK, num_rows=20000, seed=15),
         val_source=TaskPrompts(TASK, num_rows=val_rows, seed=VAL_SEED), batch_size=32, val_batch_size=256,
-        sampling=SamplingParams(max_new_tokens=32, temperature=1.0, engine=ENGINE), seed=seed,
+        sampling=SamplingParams(max_new_tokens=32, temperature=1.0, decode_step=ENGINE), seed=seed,
     )
 
 

@@ -26,8 +26,9 @@ class SamplingParams:
         num_samples: completions drawn per prompt (G); rows of one prompt are adjacent.
         stop_at_eos: stop a row at its first EOS (the EOS token itself is part of the completion).
         greedy: argmax decoding (validation).
-        engine: "auto" (the lean decode step for Llama/Mistral/Qwen layouts, else the model's own
-            forward), "lean" (require it) or "hf" (always call the model).
+        decode_step: how the built-in engine runs each new token: "auto" (the lean decode step for
+            Llama/Mistral/Qwen layouts, else the model's own forward), "lean" (require it) or "hf"
+            (always call the model). Other engines (vLLM) ignore it.
         cuda_graph: on a CUDA device, capture the lean decode step once per rollout in a CUDA graph
             and replay it for every token (off: launch its kernels one by one, e.g. to profile).
     """
@@ -39,7 +40,7 @@ class SamplingParams:
     num_samples: int = 1
     stop_at_eos: bool = True
     greedy: bool = False
-    engine: Literal["auto", "lean", "hf"] = "auto"
+    decode_step: Literal["auto", "lean", "hf"] = "auto"
     cuda_graph: bool = True
 
     def __post_init__(self) -> None:
@@ -53,8 +54,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.engine not in ("auto", "lean", "hf"):
-            raise ValueError(f"SamplingParams.engine={self.engine!r}: use 'auto', 'lean' or 'hf'")
+        if self.decode_step not in ("auto", "lean", "hf"):
+            raise ValueError(f"SamplingParams.decode_step={self.decode_step!r}: use 'auto', 'lean' or 'hf'")
         if self.num_samples < 1:
             raise ValueError(f"SamplingParams.num_samples must be >= 1, got {self.num_samples}")
 

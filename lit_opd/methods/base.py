@@ -151,7 +151,8 @@ class PolicyModule(L.LightningModule):
             "rollout/len_max": lengths_B.max(),
             "rollout/cut_frac": batch.truncated_B.float().mean() if batch.truncated_B is not None else 0.0,
         }
-        stats.update({f"train/{k}": v for k, v in metrics.items()})
+        # The engine-vs-student KL describes the rollout, not the loss (OPDModule.loss measures it).
+        stats.update({("rollout/" if k == "mismatch_kl" else "train/") + k: v for k, v in metrics.items()})
         self.step_terms = dict(metrics)
         B = batch.completion_ids_BT.shape[0]
         self.log_dict(stats, batch_size=B)

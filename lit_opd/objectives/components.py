@@ -183,6 +183,9 @@ class SampledReward(Objective):
         lambda_: G-OPD reward extrapolation (1 = standard OPD).
         clip_eps_low, clip_eps_high, dual_clip, tis_cap: PPO clip range, dual clip (None = off) and
             truncated importance-sampling cap (``estimator="ppo"``).
+        is_cap: ``estimator="importance_sampling"``: cap the weight exp(log q_θ − log q_samp) at this
+            value (truncated IS; corrects an inference engine such as vLLM drifting from the student,
+            see ``rollout/mismatch_kl``). None = uncapped (Tinker's loss).
         reduction: "token_mean", "seq_mean" or "sum".
         chunk_size: student token log-probs from hidden states, chunk by chunk (no [B, T, V] logits).
     """
@@ -201,13 +204,16 @@ class SampledReward(Objective):
         tis_cap: float = 5.0,
         reduction: Literal["token_mean", "seq_mean", "sum"] = "token_mean",
         chunk_size: int | None = None,
+        is_cap: float | None = None,
     ) -> None:
+        if is_cap is not None and is_cap <= 0:
+            raise ValueError(f"SampledReward.is_cap={is_cap} must be > 0 (or null for no cap)")
         if estimator not in ("importance_sampling", "ppo"):
             raise ValueError(f"SampledReward.estimator={estimator!r}: use 'importance_sampling' or 'ppo'")
         _check_common("SampledReward", chunk_size, reduction)
         self.estimator, self.kl_coef, self.lambda_ = estimator, kl_coef, lambda_
         self.clip_eps_low, self.clip_eps_high, self.dual_clip = clip_eps_low, clip_eps_high, dual_clip
-        self.tis_cap, self.reduction, self.chunk_size = tis_cap, reduction, chunk_size
+        self.tis_cap, self.reduction, self.chunk_size, self.is_cap = tis_cap, reduction, chunk_size, is_cap
 
     def uses_reference(self) -> bool:
         return self.lambda_ != 1.0
@@ -229,7 +235,7 @@ class SampledReward(Objective):
         metrics = {"advantage": D.reduce_masked(adv_BT, mask_BT)}
         if self.estimator == "importance_sampling":
             loss = O.importance_sampling_loss(
-                logp_BT, sampler_logp_BT, adv_BT, mask_BT, reduction=self.reduction
+                logp_BT, sampler_logp_BT, adv_BT, mask_BT, reduction=self.reduction, cap=self.is_cap
             )
             return loss, metrics
         is_weights_BT = O.truncated_is_weights(old_logp_BT, sampler_logp_BT, self.tis_cap)

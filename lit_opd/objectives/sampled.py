@@ -42,13 +42,30 @@ def importance_sampling_loss(
     adv_BT: Tensor,
     mask_BT: Tensor,
     reduction: str = "token_mean",
+    cap: float | None = None,
 ) -> Tensor:
     """Tinker ``importance_sampling`` loss: L = reduce(−exp(log q_θ − log q_samp) · A).
 
-    The gradient per valid token is −A·r·∇log q_θ (−A·∇log q_θ on-policy, where r = 1).
+    The gradient per valid token is −A·r·∇log q_θ (−A·∇log q_θ on-policy, where r = 1). With ``cap``
+    (truncated IS, as verl/NeMo-RL/slime correct an inference engine's drift from the trainer) the
+    weight is min(r, C): L = reduce(−min(r, C)·exp(log q_θ − sg(log q_θ))·A), same value where r ≤ C
+    and gradient −A·min(r, C)·∇log q_θ everywhere.
     """
-    ratio_BT = torch.exp(logp_BT - sampler_logp_BT.detach())
+    if cap is None:
+        ratio_BT = torch.exp(logp_BT - sampler_logp_BT.detach())
+    else:
+        weight_BT = torch.exp(logp_BT.detach() - sampler_logp_BT.detach()).clamp(max=cap)
+        ratio_BT = weight_BT * torch.exp(logp_BT - logp_BT.detach())
     return reduce_masked(-ratio_BT * adv_BT.detach(), mask_BT, reduction)
+
+
+def mismatch_kl(logp_BT: Tensor, sampler_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """KL(q_samp ‖ q_θ) estimated on the sampled tokens (Schulman's k3: r − 1 − log r with
+    r = q_θ / q_samp; unbiased and ≥ 0): how far the engine that drew the rollout is from the student
+    that trains on it. 0 for the built-in engine at temperature 1; with another temperature or
+    top-k/top-p the engine's (processed) distribution differs from the student's by design."""
+    log_ratio_BT = (logp_BT.detach() - sampler_logp_BT).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return reduce_masked(torch.exp(log_ratio_BT) - 1.0 - log_ratio_BT, mask_BT)
 
 
 def truncated_is_weights(old_logp_BT: Tensor, sampler_logp_BT: Tensor, cap: float = 5.0) -> Tensor:

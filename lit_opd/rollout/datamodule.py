@@ -6,7 +6,10 @@ The DataLoader yields :class:`PromptBatch` es; once Lightning has moved one to t
 batches are decoded greedily and graded by the source's verifier.
 
 Shared by every method; a method chooses where completions come from per step through
-``completion_source()`` (student, teacher or dataset) — GKD's on/off-policy mix.
+``completion_source()`` (student, teacher or dataset) — GKD's on/off-policy mix. The student's
+completions come from the datamodule's rollout engine (``engine``: the built-in sampler by default,
+or vLLM), through :meth:`RolloutDataModule.sample_student` — the one door every student
+generation passes, validation and methods' extra samples included.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts, decode_completions, eos_ids
 from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler, row_groups
-from lit_opd.rollout.sampling import sample
+from lit_opd.rollout.engines import BuiltinEngine, RolloutEngine
+from lit_opd.rollout.sampling import SampleOutput
 from lit_opd.rollout.sources import PromptSource
 from lit_opd.types import PromptBatch, RolloutBatch, SamplingParams
 
@@ -73,6 +77,7 @@ class RolloutDataModule(L.LightningDataModule):
         num_workers: int = 0,
         tokenizer: str | None = None,
         group_field: str | None = None,
+        engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -93,6 +98,8 @@ class RolloutDataModule(L.LightningDataModule):
         )
         self.seed, self.num_workers, self.tokenizer_path = seed, num_workers, tokenizer
         self.group_field = group_field
+        self.engine = engine if engine is not None else BuiltinEngine()
+        self._weight_edits = 0  # weight changes outside optimizer steps (EffOPD, a checkpoint load)
         self.tokenizer = None
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
@@ -228,37 +235,31 @@ class RolloutDataModule(L.LightningDataModule):
     def _generate(self, batch: PromptBatch, module: L.LightningModule, source: str, step: int) -> RolloutBatch:
         params = self.val_sampling if source == "greedy" else self.sampling
         model = module.policy if source in ("student", "greedy") else module.teacher_generator()
-        generator = torch.Generator(device=batch.prompt_ids_BP.device)
         trainer = getattr(self, "trainer", None)
         rank = trainer.global_rank if trainer else 0
         # Seeded by (seed, step, rank): rollouts differ across ranks, and a resumed run redraws
         # exactly the samples the unbroken run drew, without saving generator state.
-        generator.manual_seed(rollout_seed(self.seed, step, rank, source))
+        seed = rollout_seed(self.seed, step, rank, source)
         was_training = model.training
         model.eval()
         try:
             with generation_context(trainer):
-                return self.complete(model, batch, params, generator, source)
+                return self.complete(model, batch, params, seed, source)
         finally:
             model.train(was_training)
 
     def complete(
-        self, model: torch.nn.Module, batch: PromptBatch, params: SamplingParams, generator: torch.Generator,
-        source: str,
+        self, model: torch.nn.Module, batch: PromptBatch, params: SamplingParams, seed: int, source: str,
     ) -> RolloutBatch:
         """Sample ``batch``'s completions from ``model`` (in eval mode, under the trainer's precision):
         the one step a multi-turn rollout (``lit_opd.rollout.turns.EpisodeRolloutDataModule``) replaces."""
-        trainer = getattr(self, "trainer", None)
-        out = sample(
-            model,
-            batch.prompt_ids_BP,
-            batch.prompt_mask_BP,
-            params,
-            eos_token_ids=eos_ids(self.tokenizer),
-            pad_token_id=self.tokenizer.pad_token_id,
-            generator=generator,
-            all_ranks_done=ranks_agree(trainer),
-        )
+        if source == "teacher":  # sequence-level KD: the teacher samples in this process
+            out = BuiltinEngine().generate(model, batch.prompt_ids_BP, batch.prompt_mask_BP, params, seed=seed,
+                                           eos_token_ids=eos_ids(self.tokenizer),
+                                           pad_token_id=self.tokenizer.pad_token_id,
+                                           all_ranks_done=ranks_agree(getattr(self, "trainer", None)))
+        else:
+            out = self.sample_student(model, batch.prompt_ids_BP, batch.prompt_mask_BP, params, seed)
         G = params.num_samples
         return RolloutBatch(
             prompt_ids_BP=batch.prompt_ids_BP.repeat_interleave(G, 0),
@@ -272,6 +273,38 @@ class RolloutDataModule(L.LightningDataModule):
             truncated_B=out.truncated_B,
             rows=[r for r in batch.rows for _ in range(G)],
         )
+
+    def sample_student(
+        self, policy: torch.nn.Module, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor,
+        params: SamplingParams, seed: int, generator: torch.Generator | None = None,
+    ) -> SampleOutput:
+        """The student's completions of left-padded prompts, from this datamodule's engine: the one
+        door for every generation from the student (rollouts, validation, methods' extra samples).
+        ``policy`` is the live student (``module.policy``); an engine with its own copy of the weights
+        syncs it when :meth:`weights_version` moved since its last sync."""
+        trainer = getattr(self, "trainer", None)
+        self.engine.setup(policy, self.tokenizer, trainer, self.max_model_len())
+        return self.engine.generate(
+            policy, prompt_ids_BP, prompt_mask_BP, params, seed=seed, eos_token_ids=eos_ids(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id, weights_version=self.weights_version(),
+            generator=generator, all_ranks_done=ranks_agree(trainer),
+        )
+
+    def weights_version(self) -> tuple[int, int]:
+        """Changes whenever the student's weights may have: each optimizer step (the trainer's global
+        step) and each :meth:`weights_changed` (weights rewritten outside the optimizer)."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_step if trainer is not None else 0, self._weight_edits)
+
+    def weights_changed(self) -> None:
+        """Tell the engine the student's weights changed outside an optimizer step (EffOPD's
+        extrapolation, a restored checkpoint), so the next generation syncs them."""
+        self._weight_edits += 1
+
+    def max_model_len(self) -> int:
+        """Longest prompt + completion this datamodule asks an engine for."""
+        longest_completion = max(self.sampling.max_new_tokens, self.val_sampling.max_new_tokens)
+        return self.prompt_settings["max_prompt_tokens"] + longest_completion
 
     def grade(self, rollout: RolloutBatch) -> torch.Tensor:
         """1.0 where the verifier accepts the decoded completion, else 0.0: (B,)."""
@@ -315,6 +348,7 @@ class RolloutDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._epoch_position = {"epoch": state_dict["epoch"], "batches_done": state_dict["batches_done"]}
+        self.weights_changed()  # the student was restored from the checkpoint
 
 
 def _is_sharded(trainer) -> bool:  # noqa: ANN001

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from lit_opd.errors import NonFiniteError
-from lit_opd.rollout import engine as engine_mod
-from lit_opd.rollout.engine import LeanDecoder
+from lit_opd.rollout import lean_step
+from lit_opd.rollout.lean_step import LeanDecoder
 from lit_opd.types import SamplingParams
 
 STOP_CHECK_EVERY = 8  # tokens between "every row finished?" checks on an accelerator
@@ -107,16 +107,16 @@ def stop_check_interval(device: torch.device) -> int:
 def lean_decoder(
     model: nn.Module, cache, prompt_mask_BP: Tensor, total_len: int, params: SamplingParams  # noqa: ANN001
 ) -> LeanDecoder | None:
-    """The lean decode step when ``params.engine`` allows it and the model is a supported layout."""
-    engine = params.engine
-    if engine == "hf":
+    """The lean decode step when ``params.decode_step`` allows it and the model is a supported layout."""
+    decode_step = params.decode_step
+    if decode_step == "hf":
         return None
-    ok = engine_mod.supported(model, total_len) and hasattr(cache, "layers")
+    ok = lean_step.supported(model, total_len) and hasattr(cache, "layers")
     if not ok:
-        if engine == "lean":
+        if decode_step == "lean":
             raise ValueError(
-                f"SamplingParams.engine='lean' does not support {type(model).__name__} here (supported: plain "
-                f"Linear {', '.join(engine_mod.LAYOUTS)} layouts); use engine 'auto' or 'hf'"
+                f"SamplingParams.decode_step='lean' does not support {type(model).__name__} here (supported: plain "
+                f"Linear {', '.join(lean_step.LAYOUTS)} layouts); use decode_step 'auto' or 'hf'"
             )
         return None
     return LeanDecoder(model, cache, prompt_mask_BP, total_len, cuda_graph=params.cuda_graph)

@@ -22,9 +22,9 @@ from typing import Literal
 
 import torch
 
-from lit_opd.rollout.datamodule import RolloutDataModule
+from lit_opd.rollout.datamodule import RolloutDataModule, step_seed
+from lit_opd.rollout.engines import BuiltinEngine
 from lit_opd.rollout.prompts import eos_ids, left_pad
-from lit_opd.rollout.sampling import sample
 from lit_opd.rollout.sources import PromptSource
 from lit_opd.tasks.base import Task
 from lit_opd.types import RolloutBatch
@@ -171,16 +171,20 @@ class EpisodeRolloutDataModule(RolloutDataModule):
             raise ValueError(f"EpisodeRolloutDataModule.max_turns must be >= 1, got {max_turns}")
         self.max_turns = max_turns
 
-    def complete(self, model, batch, params, generator, source):  # noqa: ANN001, ANN201 - see the base
+    def complete(self, model, batch, params, seed, source):  # noqa: ANN001, ANN201 - see the base
         if params.num_samples != 1:
             raise ValueError("EpisodeRolloutDataModule plays one episode per prompt; set "
                              "sampling.num_samples: 1")
         respond = (self.val_source if source == "greedy" and self.val_source else self.source).respond
         contexts = [ids[mask.bool()].tolist() for ids, mask in zip(batch.prompt_ids_BP, batch.prompt_mask_BP)]
         pieces: list[list[tuple[list[int], bool, list[float]]]] = [[] for _ in contexts]
+        # The built-in engine draws every turn from one stream; an engine that takes a seed per call
+        # (vLLM) gets one per turn.
+        generator = torch.Generator(device=batch.prompt_ids_BP.device).manual_seed(seed)
         finals, active = [""] * len(contexts), list(range(len(contexts)))
         for turn in range(self.max_turns):
-            out = self.sample_turn(model, [contexts[b] for b in active], params, generator, batch)
+            out = self.sample_turn(model, [contexts[b] for b in active], params, (seed, turn, generator), batch,
+                                   source)
             still = []
             for i, b in enumerate(active):
                 ids, logp = out.tokens_BT[i][out.mask_BT[i]].tolist(), out.logp_BT[i][out.mask_BT[i]].tolist()
@@ -199,11 +203,16 @@ class EpisodeRolloutDataModule(RolloutDataModule):
         rollout.extras["final_texts"] = finals
         return rollout
 
-    def sample_turn(self, model, contexts: list[list[int]], params, generator, batch):  # noqa: ANN001, ANN201
-        """One turn for each context (left padded on the batch's device)."""
+    def sample_turn(self, model, contexts: list[list[int]], params, draw, batch, source):  # noqa: ANN001, ANN201
+        """One turn for each context (left padded on the batch's device); ``draw`` = (episode seed, turn,
+        the episode's generator). The student's turns go through the engine, a teacher's are sampled here."""
+        seed, turn, generator = draw
         ids_BP, mask_BP = left_pad(contexts, self.tokenizer.pad_token_id, batch.prompt_ids_BP.device)
-        return sample(model, ids_BP, mask_BP, params, eos_token_ids=eos_ids(self.tokenizer),
-                      pad_token_id=self.tokenizer.pad_token_id, generator=generator)
+        if source == "teacher":
+            return BuiltinEngine().generate(model, ids_BP, mask_BP, params, seed=seed, generator=generator,
+                                            eos_token_ids=eos_ids(self.tokenizer),
+                                            pad_token_id=self.tokenizer.pad_token_id)
+        return self.sample_student(model, ids_BP, mask_BP, params, step_seed(seed, turn, 0), generator)
 
     def decode(self, rollout: RolloutBatch) -> list[str]:
         """The last assistant turn of each episode (what the verifier grades)."""

@@ -10,6 +10,7 @@ import torch
 from lit_opd.objectives.sampled import (
     gopd_advantage,
     importance_sampling_loss,
+    mismatch_kl,
     ppo_clip_loss,
     reverse_kl_advantage,
     truncated_is_weights,
@@ -154,6 +155,29 @@ def test_is_loss_all_masked():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+def test_capped_is_loss_hand_values():
+    """Tokens whose engine put 0.5, 0.1 and 0.9 on what the student gives 1 (r = 2, 10, 1.11), cap 3:
+    weights 2, 3, 1.11; gradient −A·min(r, C)/n per token."""
+    logp = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    sampler = torch.tensor([[math.log(0.5), math.log(0.1), math.log(0.9)]], dtype=torch.float64)
+    adv, mask = torch.tensor([[1.0, 1.0, -2.0]], dtype=torch.float64), torch.ones(1, 3, dtype=torch.bool)
+    loss = importance_sampling_loss(logp, sampler, adv, mask, cap=3.0)
+    assert loss.item() == pytest.approx((-2.0 - 3.0 + 2.0 / 0.9) / 3)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-2.0, -3.0, 2.0 / 0.9]], dtype=torch.float64) / 3)
+    uncapped = importance_sampling_loss(logp.detach(), sampler, adv, mask, cap=1e9)
+    assert uncapped.item() == pytest.approx(importance_sampling_loss(logp.detach(), sampler, adv, mask).item())
+
+
+def test_mismatch_kl_hand_values():
+    """k3 = r − 1 − log r per token, r = q_θ/q_samp: 0 where they agree, 0.5 − 1 + ln 2 at r = 1/2."""
+    student = torch.tensor([[math.log(0.25), math.log(0.5), 0.0]])
+    engine = torch.tensor([[math.log(0.5), math.log(0.5), 0.0]])
+    mask = torch.tensor([[True, True, False]])
+    assert mismatch_kl(student, engine, mask).item() == pytest.approx((0.5 - 1 + math.log(2)) / 2)
+    assert mismatch_kl(engine, engine, mask).item() == 0.0
 
 
 def test_truncated_is_weights_cap():

@@ -28,8 +28,8 @@ def model():
 def _run(model, tok, texts, autocast, **params):
     enc = tok(texts, padding=True, return_tensors="pt").to("cuda")
     runs = {}
-    for name, kwargs in {"graph": dict(engine="lean"), "eager": dict(engine="lean", cuda_graph=False),
-                         "hf": dict(engine="hf")}.items():
+    for name, kwargs in {"graph": dict(decode_step="lean"), "eager": dict(decode_step="lean", cuda_graph=False),
+                         "hf": dict(decode_step="hf")}.items():
         generator = torch.Generator("cuda").manual_seed(5)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             runs[name] = sample(model, enc.input_ids, enc.attention_mask, SamplingParams(**params, **kwargs), [3], 0,

@@ -117,14 +117,14 @@ def _llama(vocab):
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_lean_engine_matches_the_model_forward(char_tok, arch):
-    from lit_opd.rollout import engine
+    from lit_opd.rollout import lean_step as engine
 
     model = make_tiny_model(len(char_tok), 32, 2, seed=6).eval() if arch == "qwen3" else _llama(len(char_tok))
     assert engine.supported(model, 64)
     ids, mask = _prompts(char_tok, ["12+345=", "7+8=", "99+1="])
     runs = {}
     for name in ("lean", "hf"):
-        params = SamplingParams(max_new_tokens=10, num_samples=2, engine=name)
+        params = SamplingParams(max_new_tokens=10, num_samples=2, decode_step=name)
         runs[name] = sample(model, ids, mask, params, [3], 0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(runs["lean"].tokens_BT, runs["hf"].tokens_BT)
     assert torch.equal(runs["lean"].mask_BT, runs["hf"].mask_BT)
@@ -132,14 +132,14 @@ def test_lean_engine_matches_the_model_forward(char_tok, arch):
 
 
 def test_lean_engine_refuses_what_it_cannot_reproduce(char_tok):
-    from lit_opd.rollout import engine
+    from lit_opd.rollout import lean_step as engine
 
     model = make_tiny_model(len(char_tok), 32, 2, seed=6).eval()
     model.config.sliding_window, model.config.use_sliding_window = 8, True
     assert not engine.supported(model, 64)  # a window shorter than the sequence changes attention
     ids, mask = _prompts(char_tok, ["1+2="])
-    with pytest.raises(ValueError, match="engine='lean' does not support"):
-        sample(model, ids, mask, SamplingParams(max_new_tokens=10, engine="lean"), [3], 0)
+    with pytest.raises(ValueError, match="decode_step='lean' does not support"):
+        sample(model, ids, mask, SamplingParams(max_new_tokens=10, decode_step="lean"), [3], 0)
     auto = sample(model, ids, mask, SamplingParams(max_new_tokens=3, greedy=True), [3], 0)  # falls back
     assert auto.tokens_BT.shape[0] == 1
 
@@ -184,7 +184,7 @@ def test_sampling_distribution_matches_hf_generate(char_tok, settings, peak, sam
 
 def _lean_greedy(model, ids, mask, steps, **decoder_kwargs):
     """Greedy logits of ``steps`` lean decode steps after a transformers prefill."""
-    from lit_opd.rollout.engine import LeanDecoder
+    from lit_opd.rollout.lean_step import LeanDecoder
     from lit_opd.rollout.sampling import returned_cache
 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -217,7 +217,7 @@ def test_lean_engine_under_autocast_matches_the_model(char_tok):
     ids, mask = _prompts(char_tok, ["12+345=", "7+8=", "99+1="])
     runs = {}
     for name in ("lean", "hf"):
-        params = SamplingParams(max_new_tokens=10, num_samples=2, engine=name)
+        params = SamplingParams(max_new_tokens=10, num_samples=2, decode_step=name)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             runs[name] = sample(model, ids, mask, params, [3], 0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(runs["lean"].tokens_BT, runs["hf"].tokens_BT)

@@ -210,7 +210,7 @@ class ScriptedEpisodes(EpisodeRolloutDataModule):
     """Turns come from the recorded trajectories instead of a model (the last one ends on a wrong
     answer), so the episode's assembly is checked exactly."""
 
-    def sample_turn(self, model, contexts, params, generator, batch):  # noqa: ANN001, ANN201
+    def sample_turn(self, model, contexts, params, draw, batch, source):  # noqa: ANN001, ANN201
         tok, rows = self.tokenizer, []
         script = {r["messages"][0]["content"]: [m["content"] for m in r["messages"][1::2]]
                   for r in TASK.make_rows(2, seed=0)}  # user, then assistant and tool by turns

@@ -43,9 +43,11 @@ def running_server(argv: list[str], port: int, health_path: str = "/health", dea
                    env: dict | None = None) -> Iterator[str]:
     """Run ``argv`` (a server listening on 127.0.0.1:``port``) until the block ends; yields its root
     URL. The server's output goes to a temporary log, shown if it fails to come up."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                **(env or {})}
-    with tempfile.TemporaryFile("w+") as log:
+    # An empty hub cache of its own: `transformers serve` (5.19) lists /v1/models by scanning the hub
+    # cache and answers HTTP 500 where none exists (a fresh machine).
+    with tempfile.TemporaryDirectory() as hub_cache, tempfile.TemporaryFile("w+") as log:
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                    "HF_HUB_CACHE": hub_cache, **(env or {})}
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env)
         root = f"http://127.0.0.1:{port}"
         try:

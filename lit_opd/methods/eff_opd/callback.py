@@ -83,6 +83,13 @@ class SearchResult:
         return kept[-1] if kept else self.initial_score
 
 
+def _weights_changed(trainer: L.Trainer) -> None:
+    """The datamodule's rollout engine must resync: the weights moved outside an optimizer step."""
+    notify = getattr(trainer.datamodule, "weights_changed", None)
+    if notify is not None:
+        notify()
+
+
 @torch.no_grad()
 def _move_to(params: Sequence[Tensor], start: Sequence[Tensor], anchor: Sequence[Tensor], m: float) -> None:
     """``params ← anchor + m·(start − anchor)`` in fp32, cast to each param's dtype; m = 1 copies
@@ -357,6 +364,7 @@ class EffOPDCallback(L.Callback):
             [local_tensor(p) for _, p in named], [self.anchor[n] for n, _ in named],
             lambda: self._score(trainer, pl_module), self.num_trials, self.initial_factor,
         )
+        _weights_changed(trainer)  # the kept point (or the restored start) is what rollouts use next
         self.last_trigger_step = step
         record = {"step": step, **dataclasses.asdict(result), "num_accepted": result.num_accepted,
                   "best_score": result.best_score, "seconds": time.perf_counter() - started}
@@ -365,6 +373,7 @@ class EffOPDCallback(L.Callback):
         return result
 
     def _score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        _weights_changed(trainer)  # each trial scores other weights: an engine with its own copy syncs
         with scoring_context(pl_module, self.seed):
             if self.score_fn is not None:
                 value = float(self.score_fn(trainer, pl_module))

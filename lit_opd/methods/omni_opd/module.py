@@ -31,9 +31,9 @@ from lit_opd.methods.omni_opd.similarity import semantic_count
 from lit_opd.methods.taught import TaughtModule
 from lit_opd.models import ModelSpec, completion_logits
 from lit_opd.objectives import divergences as D
-from lit_opd.rollout.datamodule import ranks_agree, step_seed
+from lit_opd.rollout.datamodule import RolloutDataModule, ranks_agree, step_seed
+from lit_opd.rollout.engines import BuiltinEngine
 from lit_opd.rollout.prompts import eos_ids, left_pad
-from lit_opd.rollout.sampling import sample
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch, SamplingParams
 
@@ -215,15 +215,19 @@ class OmniOPDModule(TaughtModule):
         """``per_prefix`` student samples of up to C tokens after each prefix (seeded per step)."""
         params = SamplingParams(max_new_tokens=self.objective.chunk_tokens, num_samples=per_prefix,
                                 temperature=self.objective.candidate_temperature)
-        generator = torch.Generator(device=prefix_ids_AP.device)
-        generator.manual_seed(step_seed(self.seed + 1, self.global_step, self.global_rank))
+        seed = step_seed(self.seed + 1, self.global_step, self.global_rank)
         policy = self.policy  # what rollouts sample from (for a LoRA student, the model inside the PeftModel)
         was_training = policy.training
         policy.eval()
         try:
             trainer = self._trainer  # None outside a Trainer (``self.trainer`` would raise)
-            return sample(policy, prefix_ids_AP, prefix_mask_AP, params, eos_ids(self.tokenizer),
-                          self.tokenizer.pad_token_id, generator, ranks_agree(trainer) if trainer else None)
+            datamodule = getattr(trainer, "datamodule", None)
+            if isinstance(datamodule, RolloutDataModule):  # the run's engine, as every student sample
+                return datamodule.sample_student(policy, prefix_ids_AP, prefix_mask_AP, params, seed)
+            return BuiltinEngine().generate(policy, prefix_ids_AP, prefix_mask_AP, params, seed=seed,
+                                            eos_token_ids=eos_ids(self.tokenizer),
+                                            pad_token_id=self.tokenizer.pad_token_id,
+                                            all_ranks_done=ranks_agree(trainer) if trainer else None)
         finally:
             policy.train(was_training)
 

@@ -33,6 +33,7 @@ from lit_opd.models import ModelSpec, check_tokenizers_compatible, completion_lo
 from lit_opd.objectives import divergences as D
 from lit_opd.objectives.components import Divergence, Objective
 from lit_opd.objectives.paths import answered_only, score_teacher, token_terms
+from lit_opd.objectives.sampled import mismatch_kl
 from lit_opd.teachers.base import Teacher, check_capability
 from lit_opd.types import RolloutBatch, TeacherOutput
 
@@ -138,6 +139,8 @@ class OPDModule(TaughtModule):
             metrics["entropy"] = D.reduce_masked(terms.entropy_BT, mask_BT)
             if teacher_out.answered_B is not None:
                 metrics["teacher_missing_frac"] = 1.0 - teacher_out.answered_B.float().mean()
+            if batch.sampler_logp_BT is not None and batch.source == "student":
+                metrics["mismatch_kl"] = mismatch_kl(terms.student_logp_BT, batch.sampler_logp_BT, mask_BT)
         return loss, metrics
 
     def score_loss(self, batch: RolloutBatch) -> torch.Tensor:

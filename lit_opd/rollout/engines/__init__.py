@@ -1,0 +1,6 @@
+"""Rollout engines: where the student's completions come from (``RolloutDataModule(engine=...)``)."""
+
+from lit_opd.rollout.engines.base import BuiltinEngine, RolloutEngine
+from lit_opd.rollout.engines.vllm import VLLMEngine, VLLMEngineError
+
+__all__ = ["RolloutEngine", "BuiltinEngine", "VLLMEngine", "VLLMEngineError"]
