@@ -14,19 +14,18 @@ generation passes, validation and methods' extra samples included.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
-from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lit_opd.rollout.distributed import generation_context, is_sharded, ranks_agree
+from lit_opd.rollout.engines import BuiltinEngine, RolloutEngine
 from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts, decode_completions, eos_ids
 from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler, row_groups
-from lit_opd.rollout.engines import BuiltinEngine, RolloutEngine
 from lit_opd.rollout.sampling import SampleOutput
 from lit_opd.rollout.sources import PromptSource
 from lit_opd.types import PromptBatch, RolloutBatch, SamplingParams
@@ -254,10 +253,11 @@ class RolloutDataModule(L.LightningDataModule):
         """Sample ``batch``'s completions from ``model`` (in eval mode, under the trainer's precision):
         the one step a multi-turn rollout (``lit_opd.rollout.turns.EpisodeRolloutDataModule``) replaces."""
         if source == "teacher":  # sequence-level KD: the teacher samples in this process
-            out = BuiltinEngine().generate(model, batch.prompt_ids_BP, batch.prompt_mask_BP, params, seed=seed,
-                                           eos_token_ids=eos_ids(self.tokenizer),
-                                           pad_token_id=self.tokenizer.pad_token_id,
-                                           all_ranks_done=ranks_agree(getattr(self, "trainer", None)))
+            out = BuiltinEngine().generate(
+                model, batch.prompt_ids_BP, batch.prompt_mask_BP, params, seed=seed,
+                eos_token_ids=eos_ids(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
+                all_ranks_done=ranks_agree(getattr(self, "trainer", None)),
+            )
         else:
             out = self.sample_student(model, batch.prompt_ids_BP, batch.prompt_mask_BP, params, seed)
         G = params.num_samples
@@ -324,7 +324,7 @@ class RolloutDataModule(L.LightningDataModule):
         if not self.val_rows:
             raise ValueError("evaluate() needs validation prompts: set val_source or val_size > 0")
         trainer = getattr(self, "trainer", None)
-        split = trainer is not None and trainer.world_size > 1 and not _is_sharded(trainer)
+        split = trainer is not None and trainer.world_size > 1 and not is_sharded(trainer)
         rows = self.val_rows[trainer.global_rank :: trainer.world_size] if split else self.val_rows
         correct, count = self.greedy_correct(rows, module)
         if split:
@@ -349,40 +349,6 @@ class RolloutDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self._epoch_position = {"epoch": state_dict["epoch"], "batches_done": state_dict["batches_done"]}
         self.weights_changed()  # the student was restored from the checkpoint
-
-
-def _is_sharded(trainer) -> bool:  # noqa: ANN001
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-    return trainer.world_size > 1 and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
-
-
-def ranks_agree(trainer) -> Callable[[bool], bool] | None:  # noqa: ANN001
-    """With a sharded student every decode step is a collective, so ranks stop together."""
-    if trainer is None or not _is_sharded(trainer):
-        return None
-    return lambda done: trainer.strategy.reduce_boolean_decision(done, all=True)
-
-
-def generation_context(trainer) -> contextlib.AbstractContextManager:  # noqa: ANN001
-    """The rollout runs under the trainer's precision (bf16-mixed: autocast), as the training
-    forward does, so the sampler's log-probs come from the same arithmetic. FSDP (v1) also keeps
-    parameters flat and sharded outside its own forward, so calling the student directly to
-    generate needs them gathered first (the problem behind TRL issue 2580); FSDP2 (``fully_shard``,
-    ModelParallelStrategy) gathers per layer in the student's own forward."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    stack = contextlib.ExitStack()
-    if trainer is None:
-        return stack
-    if isinstance(trainer.strategy, FSDPStrategy):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        stack.enter_context(
-            FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True)
-        )
-    stack.enter_context(trainer.precision_plugin.forward_context())
-    return stack
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

@@ -155,7 +155,7 @@ def test_rollout_runs_under_the_trainers_precision(precision, autocast):
     """bf16-mixed trains the student under autocast, so its rollout must sample under it too."""
     import lightning as L
 
-    from lit_opd.rollout.datamodule import generation_context
+    from lit_opd.rollout.distributed import generation_context
 
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False)
     with generation_context(trainer):

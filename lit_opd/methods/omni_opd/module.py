@@ -31,7 +31,8 @@ from lit_opd.methods.omni_opd.similarity import semantic_count
 from lit_opd.methods.taught import TaughtModule
 from lit_opd.models import ModelSpec, completion_logits
 from lit_opd.objectives import divergences as D
-from lit_opd.rollout.datamodule import RolloutDataModule, ranks_agree, step_seed
+from lit_opd.rollout.datamodule import RolloutDataModule, step_seed
+from lit_opd.rollout.distributed import ranks_agree
 from lit_opd.rollout.engines import BuiltinEngine
 from lit_opd.rollout.prompts import eos_ids, left_pad
 from lit_opd.teachers.base import Teacher

@@ -98,7 +98,8 @@ def refuse_unsupported(policy: nn.Module) -> None:
     if getattr(getattr(policy, "config", None), "quantization_config", None) is not None:
         raise VLLMEngineError(
             "data.init_args.engine: the vLLM engine cannot sync a quantized (4-bit/8-bit) student's weights; "
-            "train it unquantized (LoRA on a bf16 base) or use the built-in engine (lit_opd.rollout.BuiltinEngine)"
+            "train it unquantized (LoRA on a bf16 base) or use the built-in engine "
+            "(lit_opd.rollout.BuiltinEngine)"
         )
     if not hasattr(policy, "config"):
         raise VLLMEngineError(
@@ -162,7 +163,8 @@ class VLLMEngine(RolloutEngine):
     ) -> None:
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"VLLMEngine.gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
-        self.gpu_memory_utilization, self.max_model_len, self.dtype = gpu_memory_utilization, max_model_len, dtype
+        self.gpu_memory_utilization, self.max_model_len = gpu_memory_utilization, max_model_len
+        self.dtype = dtype
         self.enforce_eager, self.sleep_between_rollouts = enforce_eager, sleep_between_rollouts
         self.enable_prefix_caching, self.max_num_seqs = enable_prefix_caching, max_num_seqs
         self.cpu_kvcache_gib, self.engine_kwargs = cpu_kvcache_gib, dict(engine_kwargs or {})
@@ -198,7 +200,8 @@ class VLLMEngine(RolloutEngine):
 
     def _llm_kwargs(self, policy: nn.Module, device: torch.device, max_model_len: int, backend: str) -> dict:
         on_gpu = device.type == "cuda"
-        dtype = self.dtype if self.dtype != "auto" else str(next(policy.parameters()).dtype).removeprefix("torch.")
+        own_dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
+        dtype = own_dtype if self.dtype == "auto" else self.dtype
         kwargs = dict(
             model=self._config_dir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
             max_model_len=self.max_model_len or _within_positions(policy, max_model_len), seed=0,
@@ -216,7 +219,8 @@ class VLLMEngine(RolloutEngine):
     def sync(self, policy: nn.Module) -> None:
         """Load ``policy``'s current weights into vLLM and forget KV blocks computed with the old ones."""
         self.llm.start_weight_update()
-        self.llm.update_weights({"update_info": {"weights": [(n, t.detach()) for n, t in hf_weights(policy)]}})
+        weights = [(name, tensor.detach()) for name, tensor in hf_weights(policy)]
+        self.llm.update_weights({"update_info": {"weights": weights}})
         self.llm.finish_weight_update()
         self.llm.reset_prefix_cache()
         self.syncs += 1

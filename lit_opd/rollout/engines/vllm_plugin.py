@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 from vllm.distributed.weight_transfer.base import (
-    WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
 )
 
 LOCAL_BACKEND = "lit_opd_local"

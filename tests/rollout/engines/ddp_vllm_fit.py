@@ -18,7 +18,15 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_opd import Divergence, HFTeacher, OPDModule, RolloutBatch, RolloutDataModule, SamplingParams, TaskPrompts
+from lit_opd import (
+    Divergence,
+    HFTeacher,
+    OPDModule,
+    RolloutBatch,
+    RolloutDataModule,
+    SamplingParams,
+    TaskPrompts,
+)
 from lit_opd.rollout.engines import VLLMEngine
 from lit_opd.tasks import AdditionTask
 

@@ -156,9 +156,9 @@ def held_out_answers(tok) -> RolloutBatch:  # noqa: ANN001
     mask_BT = torch.zeros_like(ids_BT, dtype=torch.bool)
     for i, ids in enumerate(answers):
         ids_BT[i, : len(ids)], mask_BT[i, : len(ids)] = torch.tensor(ids), True
-    return RolloutBatch(prompt_ids_BP=enc.input_ids, prompt_mask_BP=enc.attention_mask, completion_ids_BT=ids_BT,
-                        completion_mask_BT=mask_BT, sampler_logp_BT=None, answers=[r["answer"] for r in rows],
-                        row_index_B=torch.arange(64))
+    return RolloutBatch(prompt_ids_BP=enc.input_ids, prompt_mask_BP=enc.attention_mask,
+                        completion_ids_BT=ids_BT, completion_mask_BT=mask_BT, sampler_logp_BT=None,
+                        answers=[r["answer"] for r in rows], row_index_B=torch.arange(64))
 
 
 def test_a_fit_through_vllm_learns_and_syncs_once_per_update(engine, tok, tmp_path):
@@ -177,7 +177,8 @@ def test_a_fit_through_vllm_learns_and_syncs_once_per_update(engine, tok, tmp_pa
     with torch.no_grad():
         kl_after = float(module.score_loss(fixed))
     assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
-    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("rollout/mismatch_kl")]
+    with open(next(tmp_path.rglob("metrics.csv"))) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("rollout/mismatch_kl")]
     assert len(rows) == 30 and max(float(r["rollout/mismatch_kl"]) for r in rows) < 1e-4
 
 
@@ -186,7 +187,8 @@ def test_a_resumed_run_redraws_the_unbroken_runs_samples(engine, tmp_path):
                                                      save_top_k=-1)
     _, _, unbroken = opd_run(engine, tmp_path / "a", max_steps=6, callbacks=[checkpoint],
                              enable_checkpointing=True)
-    _, _, resumed = opd_run(engine, tmp_path / "b", max_steps=6, ckpt_path=str(tmp_path / "ckpt/epoch=0-step=3.ckpt"))
+    midway = str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    _, _, resumed = opd_run(engine, tmp_path / "b", max_steps=6, ckpt_path=midway)
     assert sorted(resumed.by_step) == [3, 4, 5]
     for step in (3, 4, 5):
         assert torch.equal(resumed.by_step[step], unbroken.by_step[step]), step
@@ -194,7 +196,8 @@ def test_a_resumed_run_redraws_the_unbroken_runs_samples(engine, tmp_path):
 
 def test_bad_setups_end_with_one_line_naming_the_engine(tok, monkeypatch):
     quickstart_student = load_causal_lm(str(ASSETS / "student"))  # head size 24: no vLLM CPU kernel
-    with pytest.raises(VLLMEngineError, match=r"^data\.init_args\.engine: vLLM cannot run this student") as err:
+    refused = r"^data\.init_args\.engine: vLLM cannot run this student"
+    with pytest.raises(VLLMEngineError, match=refused) as err:
         VLLMEngine(dtype="float32", max_model_len=64).setup(quickstart_student, tok, None, 64)
     assert "BuiltinEngine" in str(err.value) and "\n" not in str(err.value)
     monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed
