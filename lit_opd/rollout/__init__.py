@@ -1,14 +1,14 @@
-"""Prompts → on-policy completions: sources, the sampler and the shared DataModule."""
+"""Prompts → on-policy completions: sources, the rollout engines and the shared DataModule."""
 
 from lit_opd.rollout.datamodule import RolloutDataModule
-from lit_opd.rollout.engines import BuiltinEngine, RolloutEngine, VLLMEngine
-from lit_opd.rollout.sampling import SampleOutput, sample
+from lit_opd.rollout.engines import BuiltinEngine, RolloutEngine, VLLMEngine, VLLMServerEngine
 from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler
+from lit_opd.rollout.sampling import SampleOutput, sample
 from lit_opd.rollout.sources import JsonlPrompts, ListPrompts, PromptSource, TaskPrompts
 from lit_opd.rollout.turns import EpisodeRolloutDataModule, TurnPrompts, split_turns
 
 __all__ = [
-    "RolloutDataModule", "RolloutEngine", "BuiltinEngine", "VLLMEngine", "sample", "SampleOutput", "PromptSource",
-    "JsonlPrompts", "ListPrompts", "TaskPrompts",
-    "TurnPrompts", "split_turns", "EpisodeRolloutDataModule", "GroupedPromptSampler", "ResumablePromptSampler",
+    "RolloutDataModule", "RolloutEngine", "BuiltinEngine", "VLLMEngine", "VLLMServerEngine", "sample",
+    "SampleOutput", "PromptSource", "JsonlPrompts", "ListPrompts", "TaskPrompts", "TurnPrompts", "split_turns",
+    "EpisodeRolloutDataModule", "GroupedPromptSampler", "ResumablePromptSampler",
 ]

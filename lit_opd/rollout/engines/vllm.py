@@ -50,9 +50,11 @@ def require_vllm():  # noqa: ANN201 - the vllm module
     return vllm
 
 
-def request_seeds(seed: int, rows: int) -> list[int]:
-    """One vLLM seed per prompt, derived from the rollout's seed (vLLM takes seeds below 2**31)."""
-    return [(seed * 1_000_003 + i) % SEED_MODULUS for i in range(rows)]
+def request_seeds(seed: int, rows: int, samples_per_row: int = 1) -> list[int]:
+    """One vLLM seed per prompt, derived from the rollout's seed (vLLM takes seeds below 2**31). vLLM
+    seeds a request's j-th sample with seed + j, so rows are ``samples_per_row`` apart: no two samples
+    of a rollout share a seed (identical prompts in one batch still get different samples)."""
+    return [(seed * 1_000_003 + i * samples_per_row) % SEED_MODULUS for i in range(rows)]
 
 
 def vllm_sampling(vllm, params: SamplingParams, eos_token_ids: list[int], seed: int):  # noqa: ANN001, ANN201
@@ -60,7 +62,9 @@ def vllm_sampling(vllm, params: SamplingParams, eos_token_ids: list[int], seed: 
     return vllm.SamplingParams(
         n=params.num_samples, temperature=0.0 if params.greedy else params.temperature,
         top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_new_tokens, seed=seed, logprobs=0,
-        stop_token_ids=list(eos_token_ids), ignore_eos=not params.stop_at_eos, detokenize=False,
+        # vLLM stops on stop_token_ids even with ignore_eos: pass them only when rows stop at EOS
+        stop_token_ids=list(eos_token_ids) if params.stop_at_eos else [], ignore_eos=not params.stop_at_eos,
+        detokenize=False,
     )
 
 
@@ -246,7 +250,8 @@ class VLLMEngine(RolloutEngine):
         if asleep:
             self.llm.wake_up(tags=["kv_cache"])
         prompts = [{"prompt_token_ids": ids} for ids in prompt_token_lists(prompt_ids_BP, prompt_mask_BP)]
-        sampling = [vllm_sampling(vllm, params, eos_token_ids, s) for s in request_seeds(seed, len(prompts))]
+        seeds = request_seeds(seed, len(prompts), params.num_samples)
+        sampling = [vllm_sampling(vllm, params, eos_token_ids, s) for s in seeds]
         outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
         if self.sleep_between_rollouts:
             self.llm.sleep(level=1)
