@@ -75,7 +75,8 @@ class MADOPDModule(OPDModule):
         debate: ``debate`` only: rounds, lengths, confidence source, texts (:class:`DebateSettings`).
         divide_by_sampling_temperature: divide both models' logits by the rollout's sampling
             temperature inside D (the official code does so with one teacher, not in its debate).
-        lmbda, seed, allow_teacher_change: see :class:`OPDModule`; ``seed`` also seeds the debate.
+        lmbda, seed, allow_teacher_change, allow_settings_change: see :class:`OPDModule`; ``seed``
+            also seeds the debate.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class MADOPDModule(OPDModule):
         allow_teacher_change: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        allow_settings_change: bool = False,
     ) -> None:
         group = teachers if isinstance(teachers, TeacherGroup) else TeacherGroup(teachers)
         _check_settings(mode, group, objective, route_field, routes, weights, debate,
@@ -105,7 +107,8 @@ class MADOPDModule(OPDModule):
         # Members are checked against the student one by one below, so an error names the teacher.
         shared, group.tokenizer = group.tokenizer, None
         super().__init__(student, group, tokenizer, objective=objective, lmbda=lmbda, seed=seed,
-                         allow_teacher_change=allow_teacher_change, optimizer=optimizer, scheduler=scheduler)
+                         allow_teacher_change=allow_teacher_change, optimizer=optimizer, scheduler=scheduler,
+                         allow_settings_change=allow_settings_change)
         group.tokenizer = shared
         for name, member in group.teachers.items():
             if member.tokenizer is not None:
@@ -156,6 +159,8 @@ class MADOPDModule(OPDModule):
         with torch.no_grad():
             metrics = self._diagnostics(batch, judged, logits_BTV.detach(), covers, ells, wbar_BK, loss_B,
                                         kept_B)
+            # tokens some teacher covered: 0 when every teacher failed (the HealthGuard skips the update)
+            metrics["supervised_tokens"] = torch.stack(covers).any(0).sum().float()
         return loss, metrics
 
     def divergence_temperature(self) -> float:

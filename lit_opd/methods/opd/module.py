@@ -127,7 +127,8 @@ class OPDModule(TaughtModule):
 
     def loss(self, batch: RolloutBatch, teacher_out: TeacherOutput) -> tuple[torch.Tensor, dict]:
         """The objective on one RolloutBatch, and diagnostics (detached) to log. Rows the teacher gave
-        no answer for (a failed remote call) leave the loss mask, counted as ``teacher_missing_frac``."""
+        no answer for (a failed remote call) leave the loss mask, counted as ``teacher_missing_frac``;
+        ``supervised_tokens`` is what the mask keeps (0: the HealthGuard skips the update)."""
         batch = answered_only(batch, teacher_out)
         terms = token_terms(self.student, batch, teacher_out, self.objective)
         if self.objective.uses_reference():
@@ -135,6 +136,7 @@ class OPDModule(TaughtModule):
         loss, metrics = self.objective(batch, terms, teacher_out)
         with torch.no_grad():
             mask_BT = batch.loss_mask_BT
+            metrics["supervised_tokens"] = mask_BT.sum().float()
             metrics["teacher_kl"] = D.reduce_masked(terms.student_logp_BT - terms.teacher_logp_BT, mask_BT)
             metrics["entropy"] = D.reduce_masked(terms.entropy_BT, mask_BT)
             if teacher_out.answered_B is not None:

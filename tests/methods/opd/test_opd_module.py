@@ -201,7 +201,7 @@ def test_checkpoint_holds_only_the_student(tok):
     assert checkpoint["lit_opd"]["objective"] == {
         "class": "SampledReward", "estimator": "importance_sampling", "kl_coef": 1.0, "lambda_": 1.5,
         "clip_eps_low": 0.2, "clip_eps_high": 0.2, "dual_clip": 3.0, "tis_cap": 5.0, "reduction": "token_mean",
-        "chunk_size": None,
+        "chunk_size": None, "is_cap": None,
     }
     assert "tokenizer.json" in checkpoint["lit_opd"]["tokenizer_files"]
     other = _module(tok, teacher_seed=2, objective=SampledReward(lambda_=1.5))
