@@ -16,9 +16,14 @@ from typing import NoReturn
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lit_opd import errors
+from lit_opd.checkpoints import check_ckpt_path
 from lit_opd.methods.base import PolicyModule
 from lit_opd.rollout.datamodule import RolloutDataModule
 
+
+
+# Method settings about one resume, never taken from the checkpoint's saved hparams.
+_RESUME_OVERRIDES = ("allow_teacher_change", "allow_settings_change")
 
 
 class OPDArgumentParser(LightningArgumentParser):
@@ -45,9 +50,24 @@ class OPDCLI(LightningCLI):
         # Lightning loads ckpt_path (weights only) next: a refused file is reported with its setting.
         errors.remember_settings(self.config)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning lays a --ckpt_path's saved hparams over the config and command line; the allow_*
+        overrides decide about this resume only, so the values given for this run stand."""
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        init = (model.get("init_args") if model is not None else None) or {}
+        given = {k: v for k, v in init.items() if k in _RESUME_OVERRIDES}
+        super()._parse_ckpt_path()
+        for key, value in given.items():
+            self.config[subcommand].model.init_args[key] = value
+
     def before_instantiate_classes(self) -> None:
         # A model directory that fails to load is reported with the setting that named it.
         errors.remember_settings(self.config)
+        # A missing --ckpt_path fails now, in one line, not after the models loaded.
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> OPDCLI | None:
@@ -127,7 +147,8 @@ def export_main(argv: list[str]) -> None:
     parser = ArgumentParser(prog="python -m lit_opd export", description=export_main.__doc__)
     parser.add_argument("--ckpt_path", type=str, required=True, help="a lit_opd checkpoint (.ckpt)")
     parser.add_argument("--out", type=str, required=True, help="directory to write (must be empty or new)")
-    parser.add_argument("--overwrite", type=bool, default=False, help="replace files in a non-empty --out")
+    parser.add_argument("--overwrite", type=bool, default=False,
+                        help="replace a non-empty --out (its old contents go once the new export is done)")
     parser.add_argument("--adapters_only", type=bool, default=False,
                         help="LoRA checkpoints: write the peft adapter dir instead of the merged model")
     parser.add_argument("--base", type=str | None, default=None,
@@ -139,7 +160,7 @@ def export_main(argv: list[str]) -> None:
         out = export_checkpoint(
             cfg.ckpt_path, cfg.out, overwrite=cfg.overwrite, adapters_only=cfg.adapters_only, base=cfg.base
         )
-    except errors.UnsafeCheckpoint as err:  # nothing from it ran, nothing written: one line, exit 1
+    except errors.UserError as err:  # unsafe/damaged/corrupted file, failed write: one line, exit 1
         if errors.debug_requested():
             raise
         sys.stderr.write(f"error: {err}\n")

@@ -9,7 +9,9 @@ What counts as the user's error (:func:`find_user_error`):
 * either of the above wrapped by jsonargparse while it builds the objects of a config;
 * torch's refusal to load a checkpoint with ``weights_only=True`` (an ``UnpicklingError`` that starts
   "Weights only load failed"), anywhere in the exception chain: the file holds pickled Python objects
-  that could run code (:func:`weights_only_refusal`). Other unpickling errors stay bugs.
+  that could run code (:func:`weights_only_refusal`). Other unpickling errors stay bugs;
+* torch failing to read a damaged or truncated checkpoint (no zip central directory, a garbled index,
+  an empty file: :func:`damaged_checkpoint`), anywhere in the exception chain.
 
 Everything else (a ``TypeError``, ``KeyError``, ``RuntimeError``, or a ``ValueError`` raised inside
 torch / transformers) is treated as a bug and keeps its traceback. ``LIT_OPD_DEBUG=1`` shows the
@@ -22,6 +24,7 @@ import contextlib
 import os
 import pickle
 import re
+import struct
 import sys
 import traceback
 from collections.abc import Iterator
@@ -82,6 +85,16 @@ class NonFiniteError(UserError, FloatingPointError):
 class UnsafeCheckpoint(UserError, pickle.UnpicklingError):
     """A checkpoint that holds pickled Python objects besides tensors and plain data (loading it could
     run code), refused by ``torch.load(..., weights_only=True)`` before anything in it ran."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used as it is — missing, damaged, corrupted since it was saved, of
+    another architecture, or made with other settings — refused before anything from it is loaded.
+    The message names the file itself, so the CLI prints it as it is."""
+
+
+class ExportFailed(UserError, OSError):
+    """``export`` could not write its output (e.g. the disk is full); ``--out`` was left as it was."""
 
 
 # ----- telling user errors apart --------------------------------------------------------------
@@ -158,6 +171,75 @@ def _refused_subject(refusal: BaseException) -> str:
     return "A file that torch.load read with weights_only=True"
 
 
+# ----- checkpoints torch cannot read -----------------------------------------------------------
+# torch.load's own files: an error raised in them while reading is about the file's bytes.
+_TORCH_READERS = ("serialization.py", "_weights_only_unpickler.py")
+# Reasons of a weights-only refusal that mean garbled bytes, not a pickled Python object.
+_GARBLED = ("Unsupported operand", "String is too long", "negative argument", "unsupported persistent id")
+_UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError, IndexError, struct.error)
+
+
+def _refusal_reason(err: BaseException) -> str:
+    """The WeightsUnpickler's own reason inside torch's long weights-only message."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", str(err))
+    return found.group(1).strip() if found else ""
+
+
+def _raised_reading(err: BaseException) -> bool:
+    import torch
+
+    torch_dir = Path(torch.__file__).resolve().parent
+    frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ is not None else []
+    return bool(frames) and Path(frames[-1].filename).resolve() in {torch_dir / n for n in _TORCH_READERS}
+
+
+def damaged_checkpoint(err: BaseException | None) -> BaseException | None:
+    """torch's failure to read a damaged or truncated file (anywhere in ``err``'s chain), else None.
+
+    A weights-only refusal counts only when its reason is garbled bytes ("Unsupported operand 76"),
+    not a Python object the file really holds (that is :func:`weights_only_refusal`'s case)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, pickle.UnpicklingError) and str(err).startswith(WEIGHTS_ONLY_REFUSAL):
+            return err if _refusal_reason(err).startswith(_GARBLED) else None
+        zip_error = re.search(r"PytorchStreamReader|zip archive|magic number", str(err))
+        unreadable = zip_error or not isinstance(err, RuntimeError)
+        if unreadable and isinstance(err, _UNREADABLE) and _raised_reading(err):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def damage_description(err: BaseException) -> str:
+    """What is wrong with the file, in a few words, from torch's error."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        return f"it does not parse as a torch checkpoint: {_refusal_reason(err)}"
+    if isinstance(err, EOFError):
+        return "it is empty or ends early"
+    if isinstance(err, RuntimeError):
+        found = re.search(r"failed reading (?:zip archive|file [^:]+): (.+?)(?:\. This is an intern|$)", text)
+        return f"it is not a complete zip archive: {found.group(1)}" if found else text.splitlines()[0]
+    first = text.splitlines()[0] if text else ""
+    return f"it does not parse as a torch checkpoint: {type(err).__name__}: {first}"
+
+
+def damaged_checkpoint_message(
+    subject: str, damage: BaseException, consequence: str = "nothing was loaded"
+) -> str:
+    """The one line for a checkpoint torch cannot read; ``subject`` names the file."""
+    return (f"{subject} is damaged or truncated ({damage_description(damage)}); {consequence}. Use another "
+            "checkpoint, e.g. an earlier one of the same run.")
+
+
+def _damaged_subject(damage: BaseException) -> str:
+    path = _SETTINGS.get("ckpt_path")
+    if path and _loaded_by_lightning(damage):
+        return f"ckpt_path={path!r}"
+    return "A file that torch.load read"
+
+
 # ----- naming the setting ---------------------------------------------------------------------
 _SETTINGS: dict[str, str] = {}
 
@@ -183,9 +265,14 @@ def user_message(err: BaseException) -> str | None:
     """The one line the CLI prints for a user error (prefixed by the setting it names), else None."""
     found = find_user_error(err)
     if found is None:
+        damage = damaged_checkpoint(err)
+        if damage is not None:
+            return damaged_checkpoint_message(_damaged_subject(damage), damage)
         refusal = weights_only_refusal(err)
         return None if refusal is None else unsafe_checkpoint_message(_refused_subject(refusal), refusal)
     message = str(found).strip() or type(found).__name__
+    if isinstance(found, (CheckpointError, ExportFailed)):  # names its file itself
+        return message
     keys = settings_quoted_in(message)
     if len(keys) == 1:
         return f"{keys[0]}: {message}"

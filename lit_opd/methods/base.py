@@ -18,7 +18,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from lit_opd import lora
+from lit_opd import checkpoints, lora
+from lit_opd.errors import CheckpointError
 from lit_opd.models import ModelSpec, as_spec, check_model_vocab, load_causal_lm, load_tokenizer
 from lit_opd.rollout.prompts import PromptTokenizer
 from lit_opd.types import RolloutBatch
@@ -37,6 +38,10 @@ class PolicyModule(L.LightningModule):
         tokenizer: tokenizer path or object; defaults to the one stored with ``student``.
         optimizer: optimizer factory, ``params -> Optimizer`` (``class_path`` in YAML).
         scheduler: optional LR scheduler factory, stepped every optimizer step.
+        allow_settings_change: resume (``fit --ckpt_path``) from a checkpoint made with another
+            student spec (path, revision, dtype, quantization, tokenizer) or, for methods with an
+            objective, another objective class or setting. Off: such a resume is refused, listing
+            the differences. Checksums and the architecture are checked regardless.
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class PolicyModule(L.LightningModule):
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        allow_settings_change: bool = False,
     ) -> None:
         super().__init__()
         # Models, teachers and components are objects: the CLI's config.yaml records them instead.
@@ -61,6 +67,7 @@ class PolicyModule(L.LightningModule):
             # as loaded here. on_load_checkpoint checks the adapter keys itself.
             self.strict_loading = False
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.allow_settings_change = allow_settings_change
         self.val_accuracy = MeanMetric()
         self.val_length = MeanMetric()
         self._step_started = 0.0
@@ -181,26 +188,58 @@ class PolicyModule(L.LightningModule):
         for key in [k for k in state if not k.startswith("student.") or (keep is not None and k not in keep)]:
             del state[key]
         info = checkpoint.setdefault("lit_opd", {})
-        info["student_config"] = self.student.config.to_dict() if hasattr(self.student, "config") else None
+        info["student_config"] = self._student_config()
         info["tokenizer_files"] = tokenizer_files(self.tokenizer)
         info["student_spec"] = self._student_identity()
         if peft:
             info["peft"] = lora.peft_record(self.student)
+        # Last: a sha256 per student tensor, checked before a resume, validate/test or export uses them.
+        checksums = checkpoints.record_checksums(state)
+        if checksums is not None:
+            info["checksums"] = checksums
 
     def _student_identity(self) -> dict | None:
         return None if self.student_spec is None else as_spec(self.student_spec).identity()
 
+    def _student_config(self) -> dict | None:
+        return self.student.config.to_dict() if hasattr(self.student, "config") else None
+
+    def _resuming(self) -> bool:
+        """Whether the checkpoint being loaded resumes training (``fit``), not ``validate``/``test``."""
+        trainer = self._trainer
+        return trainer is None or trainer.state.fn == "fit"
+
+    def settings_changes(self, info: dict) -> list[str]:
+        """How this run's settings differ from a checkpoint's ``lit_opd`` record: the student spec
+        here; methods with an objective add its class and settings."""
+        return checkpoints.settings_changes(info, self._student_identity())
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Before Lightning loads the weights: a LoRA checkpoint fits the student, the file's tensors
+        match their checksums, the architecture agrees and (when fitting) the settings do; each
+        refusal is one line."""
+        info, subject = checkpoint.get("lit_opd", {}), checkpoints.subject_of(self._trainer)
+        saved_state = checkpoint.get("state_dict", {})
         current = lora.peft_record(self.student) if lora.is_peft_model(self.student) else None
-        lora.check_resume(checkpoint.get("lit_opd", {}), current, self._student_identity())
+        lora.check_resume(info, current, self._student_identity())
         if current is not None:
-            adapters = lora.trainable_keys(self.student, "student.")
-            lora.check_adapter_keys(set(checkpoint["state_dict"]), adapters)
-            return
+            lora.check_adapter_keys(set(saved_state), lora.trainable_keys(self.student, "student."))
+        checkpoints.verify_checksums(info, saved_state, subject)
+        own = self.state_dict() if current is None else {}
+        if current is None:
+            mismatch = checkpoints.architecture_mismatch(
+                info.get("student_config"), self._student_config(), saved_state, own
+            )
+            if mismatch is not None:
+                raise CheckpointError(f"{subject} holds {mismatch}; nothing was loaded. Configure the "
+                                      "student this checkpoint was trained from (model.init_args.student).")
+        if self._resuming() and not self.allow_settings_change:
+            changes = self.settings_changes(info)
+            if changes:
+                raise CheckpointError(checkpoints.settings_change_message(subject, changes))
         # The saved state dict holds only student weights; other registered buffers keep their init.
-        own = self.state_dict()
         for key, value in own.items():
-            checkpoint["state_dict"].setdefault(key, value)
+            saved_state.setdefault(key, value)
 
 
 def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_opd import checkpoints
 from lit_opd.methods.base import PolicyModule, default_optimizer
 from lit_opd.models import ModelSpec, freeze, load_causal_lm
 from lit_opd.objectives.components import Objective
@@ -30,6 +31,9 @@ class TaughtModule(PolicyModule):
         teacher: the judge; never trained, never checkpointed (its identity is).
         objective: the method's loss component; its settings are recorded in checkpoints.
         allow_teacher_change: resume from a checkpoint made with another teacher.
+        allow_settings_change: resume from a checkpoint made with another student spec or another
+            objective (class or any setting); see :class:`PolicyModule`. A setting the checkpoint
+            does not record (added to lit_opd since) counts as unchanged at its default.
     """
 
     def __init__(
@@ -41,8 +45,10 @@ class TaughtModule(PolicyModule):
         allow_teacher_change: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        allow_settings_change: bool = False,
     ) -> None:
-        super().__init__(student, tokenizer, optimizer, scheduler)
+        super().__init__(student, tokenizer, optimizer, scheduler,
+                         allow_settings_change=allow_settings_change)
         self.teacher, self.objective = teacher, objective
         self.allow_teacher_change = allow_teacher_change
         # Frozen helpers live in a plain dict so they are not registered: never optimised or saved.
@@ -90,8 +96,16 @@ class TaughtModule(PolicyModule):
         checkpoint["lit_opd"]["objective"] = self.objective.settings() if self.objective is not None else None
         checkpoint["lit_opd"]["teacher_stats"] = self.teacher.stats()
 
+    def settings_changes(self, info: dict) -> list[str]:
+        """The student spec's differences (:class:`PolicyModule`) and the objective's: its class, and
+        each setting (one the checkpoint lacks compared at its default)."""
+        current = self.objective.settings() if self.objective is not None else None
+        defaults = checkpoints.objective_defaults(self.objective) if self.objective is not None else {}
+        return checkpoints.settings_changes(info, self._student_identity(), current, defaults,
+                                            compare_objective="objective" in info)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
+        super().on_load_checkpoint(checkpoint)  # checksums, architecture, student and objective settings
         info = checkpoint.get("lit_opd", {})
         self.teacher.restore_stats(info.get("teacher_stats", {}))
         saved, current = info.get("teacher"), self.teacher.identity()

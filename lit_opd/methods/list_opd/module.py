@@ -73,7 +73,8 @@ class ListOPDModule(OPDModule):
     strength c measured against the warm start (README.md beside this module).
 
     Args:
-        student, teacher, tokenizer, optimizer, scheduler, reference, allow_teacher_change: see
+        student, teacher, tokenizer, optimizer, scheduler, reference, allow_teacher_change,
+        allow_settings_change: see
             :class:`OPDModule` (the reference defaults to the student's initial weights: the warm
             start). Calibration needs a teacher with a ``scoring_model()`` (every local teacher).
         objective: the base-relative clip (``clip`` c, ``kl_coef``, ``dual_clip``, ``tis_cap``,
@@ -103,11 +104,13 @@ class ListOPDModule(OPDModule):
         calibration_source: PromptSource | None = None, calibration_rows: int = 32,
         reference: ModelSpec | str | None = None, allow_teacher_change: bool = False,
         optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
+        allow_settings_change: bool = False,
     ) -> None:
         _check_settings(objective, lambda_, delta, calibration_rows, anchor)
         super().__init__(
             student, teacher, tokenizer, objective=objective, reference=reference,
             allow_teacher_change=allow_teacher_change, optimizer=optimizer, scheduler=scheduler,
+            allow_settings_change=allow_settings_change,
         )
         self.lambda_setting = lambda_
         self.lambda_ = None if lambda_ == "auto" else float(lambda_)

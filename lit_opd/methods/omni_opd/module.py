@@ -65,6 +65,8 @@ class OmniOPDModule(TaughtModule):
             so a resumed run asks exactly what the unbroken run asked.
         reference: π_ref of the anchor; None = a frozen copy of the student's initial weights.
         allow_teacher_change: resume from a checkpoint made with another teacher.
+        allow_settings_change: resume from a checkpoint made with another student spec or objective
+            (class or setting); off, such a resume is refused listing the differences.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class OmniOPDModule(TaughtModule):
         allow_teacher_change: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        allow_settings_change: bool = False,
     ) -> None:
         if not isinstance(objective, SpeculativeVerification):
             raise ValueError(f"OmniOPDModule.objective must be a SpeculativeVerification (OmniOPD's loss), "
@@ -88,7 +91,8 @@ class OmniOPDModule(TaughtModule):
                 f"{type(teacher).__name__} returns log-probs only. Use APITeacher (any OpenAI-compatible "
                 "server, e.g. `vllm serve` or `transformers serve`), HFTextTeacher or HFTeacher."
             )
-        super().__init__(student, teacher, tokenizer, objective, allow_teacher_change, optimizer, scheduler)
+        super().__init__(student, teacher, tokenizer, objective, allow_teacher_change, optimizer, scheduler,
+                         allow_settings_change=allow_settings_change)
         # No vocabulary check: only text crosses, so the teacher's tokenizer may be any.
         self.seed = seed
         self._eos = set(eos_ids(self.tokenizer))

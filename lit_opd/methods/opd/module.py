@@ -53,6 +53,8 @@ class OPDModule(TaughtModule):
         reference: π_ref for objectives that use one; None = a frozen copy of the student's
             initial weights.
         allow_teacher_change: resume from a checkpoint made with another teacher.
+        allow_settings_change: resume from a checkpoint made with another student spec or objective
+            (class or setting); off, such a resume is refused listing the differences.
     """
 
     def __init__(
@@ -68,8 +70,10 @@ class OPDModule(TaughtModule):
         allow_teacher_change: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        allow_settings_change: bool = False,
     ) -> None:
-        super().__init__(student, teacher, tokenizer, objective, allow_teacher_change, optimizer, scheduler)
+        super().__init__(student, teacher, tokenizer, objective, allow_teacher_change, optimizer, scheduler,
+                         allow_settings_change=allow_settings_change)
         name = type(self).__name__
         objective_name = objective.component_class().__name__
         check_capability(teacher, objective.needs(), name, f"objective={objective_name}")
