@@ -159,6 +159,11 @@ class Divergence(Objective):
         topk_logp_BTK, topk_ids_BTK = teacher_out.topk_logp_BTK, teacher_out.topk_ids_BTK
         if topk_logp_BTK is None:  # a full-logit teacher: take its top-k here
             teacher_logp_BTV = (teacher_out.logits_BTV.float() / self.temperature).log_softmax(-1)
+            if self.top_k > teacher_logp_BTV.shape[-1]:
+                raise ValueError(
+                    f"Divergence.top_k={self.top_k} is above the teacher's vocabulary "
+                    f"({teacher_logp_BTV.shape[-1]} ids); lower it or set top_k: null (the full distribution)"
+                )
             topk_logp_BTK, topk_ids_BTK = teacher_logp_BTV.topk(self.top_k, dim=-1)
         elif topk_logp_BTK.shape[-1] != self.top_k:  # a top-k teacher (e.g. a server) sorted descending
             if topk_logp_BTK.shape[-1] < self.top_k:

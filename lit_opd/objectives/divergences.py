@@ -18,6 +18,10 @@ Conventions
   An all-masked batch gives 0.0, never NaN, and stays connected to the graph.
 * Logit entry points (``logits_divergence``, ``generalized_jsd``, ``topk_divergence``) divide logits by
   ``temperature`` and upcast half precision to float32 before ``log_softmax``.
+* Padded vocabularies: student and teacher logits whose last dims differ (embedding matrices padded to
+  different sizes, e.g. 151936 vs 152064 rows over one 151665-token tokenizer) are compared over the ids
+  both have, the first ``min(V_s, V_t)`` (``common_vocab``). That both cover every id of one shared
+  tokenizer is checked at setup (same token→id map; each model's output rows ≥ its tokenizer's ids).
 * The generalized JSD follows TRL/GKD: ``M = βT + (1−β)S``,
   ``JSD_β = β KL(T‖M) + (1−β) KL(S‖M)``, with β=0 defined as forward KL(T‖S) and β=1 as reverse KL(S‖T).
 """
@@ -159,10 +163,25 @@ def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+def common_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Both logits over the ids both have: the last dim cut to the narrower of the two (padded
+    embedding matrices; see the module docstring). Other dims must agree."""
+    if student_logits.shape == teacher_logits.shape:
+        return student_logits, teacher_logits
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in more than the vocabulary dim"
+        )
+    V = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    return student_logits[..., :V], teacher_logits[..., :V]
+
+
 def rows_divergence(
     student_logits: Tensor, teacher_logits: Tensor, kind: str, beta: float, alpha: float, temperature: float
 ) -> Tensor:
-    """Per-row divergence from logits (..., V) -> (...)."""
+    """Per-row divergence from logits (..., V) -> (...), over :func:`common_vocab`."""
+    student_logits, teacher_logits = common_vocab(student_logits, teacher_logits)
     s_logp = _log_softmax(student_logits, temperature)
     t_logp = _log_softmax(teacher_logits, temperature)
     return per_token_divergence(s_logp, t_logp, kind, beta=beta, alpha=alpha)
@@ -217,16 +236,13 @@ def logits_divergence(
 ) -> Tensor:
     """Scalar divergence between student and teacher logits (B,T,V), reduced over ``mask`` (B,T).
 
-    Per position: D(softmax(s/τ), softmax(t/τ)) with D chosen by ``kind``; then ``reduce_masked``.
+    Per position: D(softmax(s/τ), softmax(t/τ)) with D chosen by ``kind``, over :func:`common_vocab`;
+    then ``reduce_masked``.
     With ``chunk_size`` the valid positions are processed ``chunk_size`` rows at a time under
     activation checkpointing, so the full-vocab log-softmax of all tokens is never held at once.
     """
     _check_kind(kind)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ (vocab mismatch?)"
-        )
+    student_logits, teacher_logits = common_vocab(student_logits, teacher_logits)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is None:

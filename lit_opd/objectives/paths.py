@@ -3,6 +3,9 @@
 The lean path applies when the objective has ``lean_options`` (a ``chunk_size``, full vocabulary),
 the student's logits are a plain linear map of its last hidden state, and the teacher can return
 hidden states (:meth:`lit_opd.teachers.Teacher.score_hidden`). Otherwise both models give logits.
+
+Student and teacher may pad their embedding matrices to different sizes over one tokenizer: both
+paths compare them over the ids both have (``divergences.common_vocab``).
 """
 
 from __future__ import annotations
@@ -38,14 +41,21 @@ def token_terms(
     """The student's forward on ``batch`` and the per-token terms every objective reads."""
     if teacher_out.hidden_BTH is not None:  # memory-lean: no [B, T, V] tensor for either model
         options = objective.lean_options()
+        student_VH, teacher_VH = student.get_output_embeddings().weight, teacher_out.head_weight_VH
+        V = min(student_VH.shape[0], teacher_VH.shape[0])  # padded vocabularies: the ids both have
+        # Sliced only when padded: a slice's backward would add a second [V, H] gradient buffer.
+        student_VH, teacher_VH = (w if w.shape[0] == V else w[:V] for w in (student_VH, teacher_VH))
         lean = hidden_divergence(
-            completion_hidden(student, batch), student.get_output_embeddings().weight,
-            teacher_out.hidden_BTH, teacher_out.head_weight_VH, batch.completion_ids_BT, batch.loss_mask_BT,
-            **options,
+            completion_hidden(student, batch), student_VH, teacher_out.hidden_BTH, teacher_VH,
+            batch.completion_ids_BT, batch.loss_mask_BT, **options,
         )
         fused = lean.loss if options["kind"] is not None else None
         return TokenTerms(lean.student_logp_BT, lean.teacher_logp_BT, lean.entropy_BT, fused_loss=fused)
     logits_BTV = completion_logits(student, batch)
+    if teacher_out.logits_BTV is not None and teacher_out.logits_BTV.shape != logits_BTV.shape:
+        # padded vocabularies: the ids both have
+        logits_BTV, teacher_logits_BTV = D.common_vocab(logits_BTV, teacher_out.logits_BTV)
+        teacher_out = replace(teacher_out, logits_BTV=teacher_logits_BTV)
     return TokenTerms(
         student_logp_BT=D.token_logprobs(logits_BTV, batch.completion_ids_BT),
         teacher_logp_BT=teacher_token_logp(batch, teacher_out),

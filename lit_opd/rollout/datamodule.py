@@ -27,6 +27,15 @@ from lit_opd.rollout.engines import BuiltinEngine, RolloutEngine
 from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts, decode_completions, eos_ids
 from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler, row_groups
 from lit_opd.rollout.sampling import SampleOutput
+from lit_opd.rollout.settings import (
+    check_positions,
+    check_val_size,
+    data_seed,
+    max_positions,
+    rollout_seed,
+    split_validation,
+)
+from lit_opd.rollout.settings import step_seed as step_seed  # re-exported: turns and methods import it here
 from lit_opd.rollout.sources import PromptSource
 from lit_opd.types import PromptBatch, RolloutBatch, SamplingParams
 
@@ -39,18 +48,20 @@ class RolloutDataModule(L.LightningDataModule):
     Args:
         source: training prompts (``JsonlPrompts``, ``ListPrompts`` or ``TaskPrompts``).
         val_source: validation prompts with answers; when None, ``val_size`` rows are split off
-            ``source`` (a fraction if < 1, else a count).
-        val_size: size of that split (0 disables validation).
+            ``source``.
+        val_size: size of that split: a float in [0, 1) is a fraction of the rows (at least one row),
+            an int a count; 0 disables validation. Anything else (1.0, 1.5, -1) is refused.
         batch_size: prompts per training step and device (rows = ``batch_size × num_samples``).
-        val_batch_size: prompts per validation step (defaults to ``batch_size``).
+        val_batch_size: prompts per validation step (None = ``batch_size``).
         sampling: how training completions are drawn.
         val_max_new_tokens: completion limit for greedy validation (defaults to sampling's).
-        max_prompt_tokens: longest prompt allowed, in tokens.
+        max_prompt_tokens: longest prompt allowed, in tokens. With the attached student, the longest
+            prompt plus ``max_new_tokens`` must also fit its ``max_position_embeddings`` (checked at setup).
         over_long_prompts: what to do with a longer one: "error" (naming the row), "truncate"
             (keep its last ``max_prompt_tokens`` tokens) or "skip".
         use_chat_template: wrap prompts with the tokenizer's chat template; None = when it has one.
         system_prompt: system message prepended when the chat template is used.
-        seed: shuffling and sampling seed (identical streams on resume).
+        seed: shuffling and sampling seed (identical streams on resume); any int.
         num_workers: DataLoader workers (prompts are small; 0 is usually right).
         tokenizer: tokenizer path; None takes the attached method's ``tokenizer``.
         group_field: keep the rows that share this field's value together and in ``turn_index``
@@ -63,7 +74,7 @@ class RolloutDataModule(L.LightningDataModule):
         self,
         source: PromptSource,
         val_source: PromptSource | None = None,
-        val_size: float = 0.1,
+        val_size: int | float = 0.1,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         sampling: SamplingParams = SamplingParams(),
@@ -79,12 +90,13 @@ class RolloutDataModule(L.LightningDataModule):
         engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"RolloutDataModule.batch_size must be >= 1, got {batch_size}")
-        if val_size < 0:
-            raise ValueError(f"RolloutDataModule.val_size must be >= 0, got {val_size}")
+        for name, size in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if size is not None and size < 1:
+                raise ValueError(f"RolloutDataModule.{name} must be >= 1, got {size}")
+        check_val_size(val_size)
         self.source, self.val_source, self.val_size = source, val_source, val_size
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.batch_size = batch_size
+        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.sampling = sampling
         self.val_sampling = SamplingParams(
             max_new_tokens=val_max_new_tokens or sampling.max_new_tokens, greedy=True
@@ -102,6 +114,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
+        self._skipped = 0  # training rows dropped as over-long (over_long_prompts="skip")
         self._epoch_position = {"epoch": 0, "batches_done": 0}
 
     # ----- prompts (CPU) --------------------------------------------------------------------
@@ -112,14 +125,25 @@ class RolloutDataModule(L.LightningDataModule):
             self.tokenizer = self._resolve_tokenizer()
         encode = PromptTokenizer(self.tokenizer, **self.prompt_settings)
         rows = self.source.load()
-        val_rows = self.val_source.load() if self.val_source is not None else []
+        train, val = list(range(len(rows))), []
         if self.val_source is None and self.val_size > 0:
-            rows, val_rows = self._split_validation(rows)
-        self.train_rows = encode.rows(rows, "training")
-        self.val_rows = encode.rows(val_rows, "validation") if val_rows else []
+            train, val = self._split_validation(rows)
+        names = [self.source.row_name(i, "training") for i in train]
+        self.train_rows = encode.rows([rows[i] for i in train], "training", names)
+        self._skipped = encode.skipped
+        val_source = self.val_source or self.source
+        if self.val_source is not None:
+            rows = self.val_source.load()
+            val = list(range(len(rows)))
+        val_names = [val_source.row_name(i, "validation") for i in val]
+        self.val_rows = encode.rows([rows[i] for i in val], "validation", val_names) if val else []
         trainer = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer else None
         if module is not None:
+            limit = max_positions(getattr(module, "policy", None))
+            new, val_new = self.sampling.max_new_tokens, self.val_sampling.max_new_tokens
+            check_positions(self.train_rows, names, limit, new, "sampling.max_new_tokens")
+            check_positions(self.val_rows, val_names, limit, val_new, "val_max_new_tokens")
             from lit_opd.methods.base import PolicyModule  # here: lit_opd.methods imports this package
 
             # The one hand-over of encoded prompts to the method (e.g. ListOPD calibrates on them);
@@ -127,25 +151,15 @@ class RolloutDataModule(L.LightningDataModule):
             if isinstance(module, PolicyModule):
                 module.connect_prompts(encode, self.train_rows, self.val_rows)
 
-    def _split_validation(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
-        """(training rows, validation rows): ``val_size`` rows — or, with ``group_field``, groups, so no
-        trajectory has turns on both sides — drawn with the seed, so a resumed run validates on the same
-        rows."""
+    def _split_validation(self, rows: list[dict]) -> tuple[list[int], list[int]]:
+        """(training, validation) indices of ``rows``: ``val_size`` rows — or, with ``group_field``,
+        groups, so no trajectory has turns on both sides — drawn with the seed, so a resumed run
+        validates on the same rows."""
         if self.group_field:
             groups = row_groups([{"row": row} for row in rows], self.group_field, "training")
         else:
             groups = [[i] for i in range(len(rows))]
-        n_val = int(self.val_size) if self.val_size >= 1 else max(1, round(len(groups) * self.val_size))
-        if n_val >= len(groups):
-            unit = "groups" if self.group_field else "rows"
-            raise ValueError(
-                f"RolloutDataModule.val_size={self.val_size} leaves no training {unit} out of {len(groups)}; "
-                "lower val_size or pass val_source"
-            )
-        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        val = [i for g in order[:n_val] for i in groups[g]]
-        train = sorted(i for g in order[n_val:] for i in groups[g])
-        return [rows[i] for i in train], [rows[i] for i in val]
+        return split_validation(groups, self.val_size, self.seed, "groups" if self.group_field else "rows")
 
     def _resolve_tokenizer(self):  # noqa: ANN202
         trainer = getattr(self, "trainer", None)
@@ -163,16 +177,20 @@ class RolloutDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if len(self.train_rows) < self.batch_size:
+            skipped = self._skipped and (
+                f" ({self._skipped} of {self._skipped + len(self.train_rows)} were skipped as longer than "
+                f"max_prompt_tokens={self.prompt_settings['max_prompt_tokens']}, over_long_prompts='skip')"
+            )
             raise ValueError(
-                f"RolloutDataModule has {len(self.train_rows)} training prompts, fewer than "
-                f"batch_size={self.batch_size}; lower batch_size or add prompts"
+                f"RolloutDataModule has {len(self.train_rows)} training prompts{skipped or ''}, fewer than "
+                f"batch_size={self.batch_size}; lower batch_size, raise max_prompt_tokens or add prompts"
             )
         # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader is stateful;
         # here the DataModule's state_dict restores the exact prompt position, so it is not.
         warnings.filterwarnings("ignore", message=RESUME_WARNING)
         trainer = getattr(self, "trainer", None)
         position = dict(
-            seed=self.seed,
+            seed=data_seed(self.seed),
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
             resume_epoch=self._epoch_position["epoch"],
@@ -349,19 +367,6 @@ class RolloutDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self._epoch_position = {"epoch": state_dict["epoch"], "batches_done": state_dict["batches_done"]}
         self.weights_changed()  # the student was restored from the checkpoint
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A seed unique to (seed, global step, rank): what a step samples (rollouts, a teacher's text)
-    is fixed by it, so a resumed run draws exactly what the unbroken run drew."""
-    return (seed * 1_000_003 + step) * 4099 + rank
-
-
-def rollout_seed(seed: int, step: int, rank: int, source: str) -> int:
-    """A generator seed unique to (seed, step, rank, source) and stable across processes
-    (unlike ``hash`` of a string, which Python randomises per process)."""
-    code = ("student", "teacher", "greedy").index(source)
-    return step_seed(seed, step, rank) * 4 + code
 
 
 def dataset_completions(batch: PromptBatch, pad_id: int) -> RolloutBatch:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import jinja2
 import torch
 
 from lit_opd.types import PromptBatch
+
+# Roles every chat template renders; a message with another role is checked to appear in the output.
+COMMON_ROLES = ("system", "user", "assistant")
 
 
 class PromptTokenizer:
@@ -32,34 +38,74 @@ class PromptTokenizer:
         self.over_long = over_long
         self.chat = has_template if use_chat_template is None else use_chat_template
         self.system_prompt = system_prompt
+        self.skipped = 0  # over-long rows the last ``rows`` call dropped (over_long="skip")
 
     def prompt_ids(self, row: dict, where: str) -> list[int]:
+        if "prompt" in row and "messages" in row:
+            raise ValueError(
+                f"{where} has both 'prompt' and 'messages'; keep one (which one is used would depend on "
+                "whether the tokenizer has a chat template)"
+            )
+        if row.get("prompt") == "":
+            raise ValueError(f"{where} has an empty 'prompt'; remove the row or write its prompt")
         if self.chat:
-            messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-            if self.system_prompt and messages[0].get("role") != "system":
-                messages = [{"role": "system", "content": self.system_prompt}, *messages]
-            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            # transformers 5 returns a BatchEncoding here, older versions a list.
-            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-        if "prompt" not in row:
+            ids = self._chat_ids(row, where)
+        elif "prompt" not in row:
             raise ValueError(
                 f"{where} has 'messages' but the chat template is off; set use_chat_template: true "
                 "with a tokenizer that has one, or give a 'prompt' string"
             )
-        return self.tokenizer(row["prompt"])["input_ids"]
+        else:
+            ids = self.tokenizer(row["prompt"])["input_ids"]
+        if not ids:
+            raise ValueError(f"{where} encodes to no tokens; remove the row or write its prompt")
+        return ids
 
-    def rows(self, rows: list[dict], split: str) -> list[dict]:
+    def _chat_ids(self, row: dict, where: str) -> list[int]:
+        messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+        if self.system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        try:
+            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            self._check_rendered(messages, where)
+        except jinja2.TemplateError as err:
+            raise ValueError(f"{where}: the tokenizer's chat template refused its messages ({err}); fix the "
+                             "row's roles/order or use a tokenizer whose template accepts them") from None
+        # transformers 5 returns a BatchEncoding here, older versions a list.
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def _check_rendered(self, messages: list[dict], where: str) -> None:
+        """Refuse a message with an uncommon role that the chat template leaves out of its output
+        (many templates render only system/user/assistant and drop the rest without a word)."""
+        unusual = [m for m in messages
+                   if m.get("role") not in COMMON_ROLES and str(m.get("content") or "").strip()]
+        if not unusual:
+            return
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        for message in unusual:
+            if str(message["content"]).strip() not in text:
+                raise ValueError(
+                    f"{where}: the chat template drops messages with role {message.get('role')!r} (their "
+                    f"text is not in its output); use a role it renders ({', '.join(COMMON_ROLES)})"
+                )
+
+    def rows(self, rows: list[dict], split: str, names: Sequence[str] | None = None) -> list[dict]:
+        """Records of ``rows``; ``names[i]`` says which row ``i`` is in messages (default
+        "``split`` row i"). Over-long rows follow ``over_long``; :attr:`skipped` counts those dropped."""
         out = []
+        self.skipped = 0
         for index, row in enumerate(rows):
-            ids = self.prompt_ids(row, f"{split} row {index}")
+            where = names[index] if names is not None else f"{split} row {index}"
+            ids = self.prompt_ids(row, where)
             if len(ids) > self.max_prompt_tokens:
                 if self.over_long == "error":
                     raise ValueError(
-                        f"{split} row {index} has a {len(ids)}-token prompt, longer than "
+                        f"{where} has a {len(ids)}-token prompt, longer than "
                         f"max_prompt_tokens={self.max_prompt_tokens}; raise max_prompt_tokens or set "
                         "over_long_prompts to 'truncate' or 'skip'"
                     )
                 if self.over_long == "skip":
+                    self.skipped += 1
                     continue
                 ids = ids[-self.max_prompt_tokens :]  # keep the end: it holds the question and cue
             answer = row.get("answer")
@@ -71,7 +117,8 @@ class PromptTokenizer:
             # A copy, so a method that annotates its batch's rows does not edit the source's own dicts.
             out.append({**record, "row": dict(row)})
         if rows and not out:
-            raise ValueError(f"every {split} prompt was skipped as over-long; raise max_prompt_tokens")
+            raise ValueError(f"every {split} prompt ({len(rows)}) was skipped as longer than "
+                             f"max_prompt_tokens={self.max_prompt_tokens}; raise max_prompt_tokens")
         return out
 
     @property

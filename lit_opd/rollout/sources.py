@@ -7,6 +7,7 @@ Each source yields rows ``{"prompt": str}`` or ``{"messages": [...]}``, with an 
 from __future__ import annotations
 
 import abc
+import codecs
 import json
 from pathlib import Path
 
@@ -23,6 +24,16 @@ class PromptSource(abc.ABC):
     def verify(self, completion: str, answer: str | None) -> bool:
         """Exact match after stripping whitespace; tasks override this."""
         return answer is not None and completion.strip() == answer.strip()
+
+    def location(self, index: int) -> str | None:
+        """Where row ``index`` of the last :meth:`load` comes from (e.g. ``prompts.jsonl:12``), for
+        messages about that row; None when its index says it all."""
+        return None
+
+    def row_name(self, index: int, split: str) -> str:
+        """Row ``index`` as messages name it: "training row 3", plus :meth:`location` when known."""
+        where = self.location(index)
+        return f"{split} row {index}" + (f" ({where})" if where else "")
 
 
 def check_row(row: dict, where: str) -> dict:
@@ -49,27 +60,56 @@ class JsonlPrompts(PromptSource):
         self.path = path
 
     def load(self) -> list[dict]:
-        path = Path(self.path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"JsonlPrompts.path={self.path!r} does not exist; point it at a .jsonl file"
-            )
-        rows = []
-        with path.open() as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{self.path}:{lineno}: not valid JSON ({err.msg})") from err
-                rows.append(check_row(row, f"{self.path}:{lineno}"))
+        rows, self._lines = [], []
+        for lineno, line in read_lines(self.path, "JsonlPrompts.path"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.path}:{lineno}: not valid JSON ({err.msg})") from err
+            rows.append(check_row(row, f"{self.path}:{lineno}"))
+            self._lines.append(lineno)
         if not rows:
             raise ValueError(
                 f"JsonlPrompts.path={self.path!r} holds no rows; write one JSON object per line, e.g. "
                 '{"prompt": "2+2=", "answer": "4"}'
             )
         return rows
+
+    def location(self, index: int) -> str | None:
+        lines = getattr(self, "_lines", [])
+        return f"{self.path}:{lines[index]}" if index < len(lines) else None
+
+
+def read_lines(path: str, setting: str) -> list[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file (a UTF-8 byte-order mark is fine); a file that is
+    missing, a directory, unreadable or in another encoding is refused in one line naming ``setting``."""
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"{setting}={path!r} is a directory, not a file; point it at a .jsonl file")
+    if not file.exists():
+        raise FileNotFoundError(f"{setting}={path!r} does not exist; point it at a .jsonl file")
+    try:
+        data = file.read_bytes()
+    except PermissionError as err:
+        raise PermissionError(f"{setting}={path!r} cannot be read: permission denied; make it readable "
+                              "(e.g. chmod a+r) or point at a copy you can read") from err
+    except OSError as err:
+        raise OSError(f"{setting}={path!r} cannot be read: {err.strerror or err}") from err
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in data:
+        raise ValueError(f"{setting}={path!r} is UTF-16 text (or binary), not UTF-8; save it as UTF-8 "
+                         "(e.g. iconv -f UTF-16 -t UTF-8)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        lineno = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{setting}={path!r} is not UTF-8 text: line {lineno} holds byte 0x{data[err.start]:02x}; save "
+            "the file as UTF-8 (e.g. iconv -f latin1 -t UTF-8)"
+        ) from None
+    # Line ends as text-mode open() reads them (\n, \r\n, \r), and no others: a JSON string may hold U+2028.
+    return list(enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1))
 
 
 class ListPrompts(PromptSource):

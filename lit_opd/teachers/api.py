@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -29,6 +30,11 @@ CONTINUE_INSTRUCTION = (
 )
 MODES = ("completions", "chat")
 OWN_COUNTERS = ("n_ignored", "topup_requests", "unanswered_samples")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Prefixes of common API keys and tokens (OpenAI/Anthropic sk-, Hugging Face hf_, GitHub ghp_, Groq
+# gsk_, Google AIza) followed by a long run of key characters.
+KEY_LIKE = re.compile(r"(sk|hf|ghp|gho|gsk|AIza|xox[abp])[-_]?[A-Za-z0-9_-]{16,}")
+MAX_ENV_NAME = 40
 
 
 # ----- shared with HFTextTeacher ------------------------------------------------------------------
@@ -70,6 +76,21 @@ def no_logprobs(owner: str) -> NotImplementedError:
         f"{owner} is a text-only teacher: it returns text continuations (generate_text), not log-probs, "
         "so it cannot score token by token. Use it with a text-only method, or use ServerTeacher (log-probs "
         "from a served model) or HFTeacher (a local model's logits) for token-level methods."
+    )
+
+
+def check_key_env_name(owner: str, api_key_env: str | None) -> None:
+    """Refuse an ``api_key_env`` that is not an environment-variable *name* — most likely the key itself
+    pasted in — without repeating it: the message, the log and the traceback never show the value."""
+    if api_key_env is None:
+        return
+    name_like = isinstance(api_key_env, str) and ENV_NAME.fullmatch(api_key_env) is not None
+    if name_like and len(api_key_env) <= MAX_ENV_NAME and not KEY_LIKE.fullmatch(api_key_env):
+        return
+    raise ValueError(
+        f"{owner}.api_key_env must be the NAME of an environment variable that holds the key (e.g. "
+        "OPENAI_API_KEY), but the value given looks like a key itself (not shown here); put the key in a "
+        f"variable (export MY_API_KEY=...) and set {owner}.api_key_env: MY_API_KEY"
     )
 
 
@@ -123,6 +144,7 @@ class APITeacher(Teacher):
         concurrency: int = 4, max_calls: int | None = None, max_total_tokens: int | None = None,
         seed_requests: bool = True,
     ) -> None:
+        check_key_env_name("APITeacher", api_key_env)
         _check_settings(model=model, mode=mode, max_tokens=max_tokens, temperature=temperature,
                         continue_instruction=continue_instruction, system_prompt=system_prompt,
                         max_calls=max_calls, max_total_tokens=max_total_tokens)

@@ -11,8 +11,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutput
 
+from lit_opd.models import (
+    ModelSpec, as_spec, check_model_vocab, completion_logits, freeze, load_causal_lm, load_tokenizer,
+)
 from lit_opd.objectives.lean import completion_hidden, plain_head
-from lit_opd.models import ModelSpec, as_spec, completion_logits, freeze, load_causal_lm, load_tokenizer
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch, SamplingParams, TeacherCapability, TeacherOutput
 
@@ -60,6 +62,8 @@ class HFTeacher(Teacher):
         self.spec = None if isinstance(model, nn.Module) else as_spec(model)
         self.model = freeze(load_causal_lm(model))
         self.tokenizer = load_tokenizer(tokenizer, model)
+        # Rows beyond the tokenizer's ids are padding (the losses compare the ids both models have).
+        check_model_vocab(self.model, self.tokenizer, "teacher")
         self.name = name or (self.spec.path if self.spec else type(self.model).__name__)
 
     def to(self, device: torch.device | str) -> HFTeacher:

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lit_opd.errors import TeacherUnreachable
+from lit_opd.teachers.api import check_key_env_name
 from lit_opd.teachers.base import Teacher
 from lit_opd.teachers.remote import MalformedAnswer, RemoteCalls
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
@@ -74,6 +75,7 @@ class ServerTeacher(Teacher):
         if not isinstance(model, str) or not model:
             raise ValueError(f"ServerTeacher.model={model!r} must name the served model "
                              "(as the server's /v1/models lists it)")
+        check_key_env_name("ServerTeacher", api_key_env)  # a pasted key is refused without echoing it
         self.remote = RemoteCalls(
             base_url, "ServerTeacher", api_key_env=api_key_env, timeout=timeout, retries=retries,
             backoff=backoff, concurrency=concurrency, max_calls=max_calls, max_tokens=max_total_tokens,
