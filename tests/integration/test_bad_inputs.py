@@ -29,6 +29,7 @@ from lit_opd.tasks import char_tokenizer
 from lit_opd.teachers.api import APITeacher
 from lit_opd.types import SamplingParams
 from tests.helpers import make_rollout_batch, make_tiny_model
+from tests.integration.cli import raised
 from tests.integration.scripts.procs import REPO, tiny_opd_config
 
 pytestmark = pytest.mark.integration
@@ -45,17 +46,9 @@ RAISES = (
 )
 
 
-def _raise(fn, *args, **kwargs) -> BaseException:  # noqa: ANN001, ANN003
-    try:
-        fn(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - the point is to look at it
-        return err
-    raise AssertionError(f"{fn} did not raise")
-
-
 def _line(fn, *args, **kwargs) -> str:  # noqa: ANN001, ANN003
     """The one line the CLI prints for what ``fn(*args, **kwargs)`` raises."""
-    message = user_message(_raise(fn, *args, **kwargs))
+    message = user_message(raised(fn, *args, **kwargs))
     assert message is not None and "\n" not in message, message
     return message
 
@@ -130,7 +123,7 @@ def test_a_pasted_api_key_is_refused_without_repeating_it(monkeypatch, capsys):
     )
     monkeypatch.setenv("LIT_OPD_TEST_KEY", "x")
     for value in (KEY, "hf_" + "aB3" * 12, "A" * 41, "my key", "sk-abc"):
-        err = _raise(APITeacher, "http://127.0.0.1:1/v1", "m", api_key_env=value)
+        err = raised(APITeacher, "http://127.0.0.1:1/v1", "m", api_key_env=value)
         assert value not in str(err) and "looks like a key" in user_message(err), value
     assert APITeacher("http://127.0.0.1:1/v1", "m", api_key_env="LIT_OPD_TEST_KEY").calls.api_key_env
 

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import shutil
 import struct
-import sys
 import zipfile
 from pathlib import Path
 
@@ -26,11 +25,11 @@ import yaml
 from transformers import AutoConfig
 
 from lit_opd.checkpoints import architecture_mismatch, tensor_digest, verify_checksums
-from lit_opd.cli import main
 from lit_opd.errors import CheckpointError
 from lit_opd.objectives import SampledReward
 from tests.helpers import make_module
-from tests.integration.scripts.procs import REPO, tiny_opd_config
+from tests.integration.cli import refused, run_main
+from tests.integration.scripts.procs import tiny_opd_config
 
 pytestmark = pytest.mark.integration
 
@@ -39,24 +38,6 @@ SETTINGS_FIX = (
     "Resume with the same settings, or set allow_settings_change: true to continue with the new ones "
     "on purpose."
 )
-
-
-def _main(args: list[str], monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys, "argv", ["lit_opd", *args])
-    main()
-
-
-def _refused(args: list[str], monkeypatch, capsys) -> str:  # noqa: ANN001
-    """Run the CLI expecting exit 1 and exactly one ``error:`` line, no traceback: that line."""
-    with pytest.raises(SystemExit) as exit_:
-        _main(args, monkeypatch)
-    assert exit_.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
 
 
 def _config(root: Path, name: str, student: str, teacher: str, max_steps: int = 2, **model: object) -> Path:
@@ -71,7 +52,7 @@ def tiny_run(tmp_path_factory, student_dir, teacher_dir) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("integrity")
     config = _config(root, "tiny", student_dir, teacher_dir)
     with pytest.MonkeyPatch.context() as mp:
-        _main(["fit", "--config", str(config)], mp)
+        run_main(["fit", "--config", str(config)], mp)
     return config, root / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -130,7 +111,7 @@ def test_a_corrupted_checkpoint_is_refused_naming_file_and_tensor(
 ):
     bad, key = corrupted
     checkpoints_before = sorted((tiny_run[1].parent).iterdir())
-    line = _refused([command, "--config", str(tiny_run[0]), "--ckpt_path", str(bad)], monkeypatch, capsys)
+    line = refused([command, "--config", str(tiny_run[0]), "--ckpt_path", str(bad)], monkeypatch, capsys)
     assert line == (
         f"error: ckpt_path='{bad}' is corrupted: its tensor {key!r} differs from the sha256 recorded "
         f"when it was saved (the file changed since); nothing was loaded. {FIX}"
@@ -141,7 +122,7 @@ def test_a_corrupted_checkpoint_is_refused_naming_file_and_tensor(
 def test_export_refuses_a_corrupted_checkpoint_and_writes_nothing(corrupted, tmp_path, monkeypatch, capsys):
     bad, key = corrupted
     out = tmp_path / "exported"
-    line = _refused(["export", "--ckpt_path", str(bad), "--out", str(out)], monkeypatch, capsys)
+    line = refused(["export", "--ckpt_path", str(bad), "--out", str(out)], monkeypatch, capsys)
     assert line == (
         f"error: export --ckpt_path '{bad}' is corrupted: its tensor {key!r} differs from the sha256 "
         f"recorded when it was saved (the file changed since); nothing was written. {FIX}"
@@ -152,7 +133,7 @@ def test_export_refuses_a_corrupted_checkpoint_and_writes_nothing(corrupted, tmp
 def test_debug_shows_the_traceback(corrupted, tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_OPD_DEBUG", "1")
     with pytest.raises(CheckpointError, match="is corrupted"):
-        _main(["export", "--ckpt_path", str(corrupted[0]), "--out", str(tmp_path / "x")], monkeypatch)
+        run_main(["export", "--ckpt_path", str(corrupted[0]), "--out", str(tmp_path / "x")], monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +153,7 @@ def test_a_checkpoint_from_before_checksums_resumes_and_exports_with_a_note(
     notes.addHandler(caplog.handler)  # Lightning's logger does not propagate to pytest's
     try:
         with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
-            _main(
+            run_main(
                 [
                     "fit",
                     "--config",
@@ -190,7 +171,7 @@ def test_a_checkpoint_from_before_checksums_resumes_and_exports_with_a_note(
                 ],
                 monkeypatch,
             )
-            _main(
+            run_main(
                 ["export", "--ckpt_path", str(unrecorded), "--out", str(tmp_path / "exported")], monkeypatch
             )
     finally:
@@ -203,7 +184,7 @@ def test_a_checkpoint_from_before_checksums_resumes_and_exports_with_a_note(
 
 # ----- settings changed on resume ----------------------------------------------------------------
 def test_another_beta_is_refused(tiny_run, monkeypatch, capsys):
-    line = _refused(
+    line = refused(
         [
             "fit",
             "--config",
@@ -235,7 +216,7 @@ def test_another_student_path_and_beta_are_listed_together(
         teacher_dir,
         objective={"class_path": "lit_opd.objectives.Divergence", "init_args": {"beta": 0.2}},
     )
-    line = _refused(["fit", "--config", str(config), "--ckpt_path", str(tiny_run[1])], monkeypatch, capsys)
+    line = refused(["fit", "--config", str(config), "--ckpt_path", str(tiny_run[1])], monkeypatch, capsys)
     assert line == (
         f"error: ckpt_path='{tiny_run[1]}' was trained with other settings: student path "
         f"{student_dir!r} -> {moved!r}; objective beta 0.5 -> 0.2. {SETTINGS_FIX}"
@@ -274,12 +255,12 @@ def test_allow_teacher_change_on_the_command_line_is_not_undone_by_the_checkpoin
         "--trainer.logger",
         "false",
     ]
-    assert "allow_teacher_change: true" in _refused(args, monkeypatch, capsys)
-    _main([*args, "--model.init_args.allow_teacher_change", "true"], monkeypatch)
+    assert "allow_teacher_change: true" in refused(args, monkeypatch, capsys)
+    run_main([*args, "--model.init_args.allow_teacher_change", "true"], monkeypatch)
 
 
 def test_allow_settings_change_resumes_on_purpose(tiny_run, tmp_path, monkeypatch):
-    _main(
+    run_main(
         [
             "fit",
             "--config",
@@ -305,7 +286,7 @@ def test_allow_settings_change_resumes_on_purpose(tiny_run, tmp_path, monkeypatc
 
 def test_validate_with_another_beta_is_not_a_resume(tiny_run, monkeypatch):
     """Only a resume trains with the settings; validate/test still check checksums and architecture."""
-    _main(
+    run_main(
         [
             "validate",
             "--config",
@@ -356,7 +337,7 @@ DAMAGE = {
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_a_damaged_checkpoint_is_one_line_on_resume(case, tiny_run, damaged, monkeypatch, capsys):
     bad = damaged[case]
-    line = _refused(["fit", "--config", str(tiny_run[0]), "--ckpt_path", str(bad)], monkeypatch, capsys)
+    line = refused(["fit", "--config", str(tiny_run[0]), "--ckpt_path", str(bad)], monkeypatch, capsys)
     assert (
         line
         == f"error: ckpt_path='{bad}' is damaged or truncated ({DAMAGE[case]}); nothing was loaded. {FIX}"
@@ -366,7 +347,7 @@ def test_a_damaged_checkpoint_is_one_line_on_resume(case, tiny_run, damaged, mon
 @pytest.mark.parametrize("case", ["truncated", "zeroed_head"])
 def test_a_damaged_checkpoint_is_one_line_on_export(case, damaged, tmp_path, monkeypatch, capsys):
     bad, out = damaged[case], tmp_path / "exported"
-    line = _refused(["export", "--ckpt_path", str(bad), "--out", str(out)], monkeypatch, capsys)
+    line = refused(["export", "--ckpt_path", str(bad), "--out", str(out)], monkeypatch, capsys)
     assert line == (
         f"error: export --ckpt_path '{bad}' is damaged or truncated ({DAMAGE[case]}); nothing was "
         f"written. {FIX}"
@@ -390,7 +371,7 @@ def test_a_checkpoint_of_another_architecture_names_both(
     def describe(c: dict) -> str:
         return f"qwen3 ({', '.join(f'{k} {c[k]}' for k in differ)})"
 
-    line = _refused(["fit", "--config", str(config), "--ckpt_path", str(tiny_run[1])], monkeypatch, capsys)
+    line = refused(["fit", "--config", str(config), "--ckpt_path", str(tiny_run[1])], monkeypatch, capsys)
     assert line == (
         f"error: ckpt_path='{tiny_run[1]}' holds a student of another architecture: {describe(saved)} "
         f"in the checkpoint, {describe(configured)} configured; nothing was loaded. Configure the "
@@ -420,7 +401,7 @@ def test_tensors_missing_or_added_since_the_save_are_refused():
 @pytest.mark.parametrize("command", ["fit", "validate"])
 def test_a_missing_checkpoint_is_one_line(command, tiny_run, tmp_path, monkeypatch, capsys):
     missing = tmp_path / "nowhere" / "last.ckpt"
-    line = _refused([command, "--config", str(tiny_run[0]), "--ckpt_path", str(missing)], monkeypatch, capsys)
+    line = refused([command, "--config", str(tiny_run[0]), "--ckpt_path", str(missing)], monkeypatch, capsys)
     assert line == (
         f"error: ckpt_path='{missing}' does not exist; nothing was loaded. Check the path "
         "(`--ckpt_path last` resumes from the run's newest last.ckpt)."

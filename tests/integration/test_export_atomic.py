@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,32 +16,14 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lit_opd.cli import main
-from tests.integration.scripts.procs import REPO, tiny_opd_config
+from tests.integration.cli import refused, run_main
+from tests.integration.scripts.procs import tiny_opd_config
 
 pytestmark = pytest.mark.integration
 
 ENOSPC_SAFETENSORS = (
     'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
 )
-
-
-def _main(args: list[str], monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys, "argv", ["lit_opd", *args])
-    main()
-
-
-def _refused(args: list[str], monkeypatch, capsys) -> str:  # noqa: ANN001
-    """Run the CLI expecting exit 1 and exactly one ``error:`` line, no traceback: that line."""
-    with pytest.raises(SystemExit) as exit_:
-        _main(args, monkeypatch)
-    assert exit_.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -55,12 +36,12 @@ def ckpt(tmp_path_factory, student_dir, teacher_dir) -> Path:
     root = tmp_path_factory.mktemp("export_atomic")
     config = tiny_opd_config(root / "tiny.yaml", root / "run", student_dir, teacher_dir, max_steps=2)
     with pytest.MonkeyPatch.context() as mp:
-        _main(["fit", "--config", str(config)], mp)
+        run_main(["fit", "--config", str(config)], mp)
     return root / "run" / "checkpoints" / "last.ckpt"
 
 
 def _export(ckpt: Path, out: Path, monkeypatch, *extra: str) -> None:  # noqa: ANN001
-    _main(["export", "--ckpt_path", str(ckpt), "--out", str(out), *extra], monkeypatch)
+    run_main(["export", "--ckpt_path", str(ckpt), "--out", str(out), *extra], monkeypatch)
 
 
 def test_a_new_export_has_the_usual_folder_mode_and_nothing_beside_it(ckpt, tmp_path, monkeypatch):
@@ -98,7 +79,7 @@ def test_a_full_disk_leaves_no_half_export(ckpt, tmp_path, monkeypatch, capsys):
         raise SafetensorError(ENOSPC_SAFETENSORS)
 
     monkeypatch.setattr("transformers.modeling_utils.safe_save_file", disk_full)
-    line = _refused(["export", "--ckpt_path", str(ckpt), "--out", str(out)], monkeypatch, capsys)
+    line = refused(["export", "--ckpt_path", str(ckpt), "--out", str(out)], monkeypatch, capsys)
     assert line == (
         f"error: export --out '{out}': writing the export failed (No space left on device); --out was "
         "left as it was and no partial export remains."
@@ -116,7 +97,7 @@ def test_a_failed_overwrite_keeps_the_old_export(ckpt, tmp_path, monkeypatch, ca
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_written)
-    line = _refused(
+    line = refused(
         ["export", "--ckpt_path", str(ckpt), "--out", str(out), "--overwrite", "true"], monkeypatch, capsys
     )
     assert line == (

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lit_opd.cli import main
 from lit_opd.errors import user_message
-from tests.integration.scripts.procs import REPO, tiny_opd_config
+from tests.integration.cli import one_error_line, run_main
+from tests.integration.scripts.procs import tiny_opd_config
 
 pytestmark = pytest.mark.integration
 
@@ -44,26 +43,13 @@ def hostile_copy(good: Path, dst: Path, marker: Path) -> Path:
     return dst
 
 
-def _main(args: list[str], monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys, "argv", ["lit_opd", *args])
-    main()
-
-
-def _one_error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, stderr[-3000:]
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, student_dir, teacher_dir) -> tuple[Path, Path]:
     """One real 2-step fit through the CLI: its config and its ``last.ckpt``."""
     root = tmp_path_factory.mktemp("unsafe_ckpt")
     config = tiny_opd_config(root / "tiny.yaml", root / "run", student_dir, teacher_dir, max_steps=2)
     with pytest.MonkeyPatch.context() as mp:
-        _main(["fit", "--config", str(config)], mp)
+        run_main(["fit", "--config", str(config)], mp)
     return config, root / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -88,11 +74,11 @@ def test_export_refuses_it_and_writes_nothing(hostile, tmp_path, monkeypatch, ca
     bad, marker = hostile
     out = tmp_path / "exported"
     with pytest.raises(SystemExit) as exit_:
-        _main(["export", "--ckpt_path", str(bad), "--out", str(out)], monkeypatch)
+        run_main(["export", "--ckpt_path", str(bad), "--out", str(out)], monkeypatch)
     assert exit_.value.code == 1
     err = capsys.readouterr().err
-    assert _one_error_line(err) == f"error: export --ckpt_path '{bad}' {REFUSAL}"
-    assert err.strip() == _one_error_line(err)  # no usage text either
+    assert one_error_line(err) == f"error: export --ckpt_path '{bad}' {REFUSAL}"
+    assert err.strip() == one_error_line(err)  # no usage text either
     assert not marker.exists()
     assert not out.exists()
 
@@ -101,9 +87,9 @@ def test_export_refuses_it_and_writes_nothing(hostile, tmp_path, monkeypatch, ca
 def test_resume_and_validate_refuse_it_in_one_line(command, tiny_run, hostile, monkeypatch, capsys):
     bad, marker = hostile
     with pytest.raises(SystemExit) as exit_:
-        _main([command, "--config", str(tiny_run[0]), "--ckpt_path", str(bad)], monkeypatch)
+        run_main([command, "--config", str(tiny_run[0]), "--ckpt_path", str(bad)], monkeypatch)
     assert exit_.value.code == 1
-    assert _one_error_line(capsys.readouterr().err) == f"error: ckpt_path='{bad}' {REFUSAL}"
+    assert one_error_line(capsys.readouterr().err) == f"error: ckpt_path='{bad}' {REFUSAL}"
     assert not marker.exists()
 
 

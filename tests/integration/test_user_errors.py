@@ -138,26 +138,17 @@ from __future__ import annotations
 import copy
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from lit_opd.cli import main
 from lit_opd.errors import DEBUG_ENV, user_message
-from tests.integration.scripts.procs import REPO, finish, start, tiny_opd_config
+from tests.integration.cli import one_error_line, raised, run_main
+from tests.integration.scripts.procs import finish, start, tiny_opd_config
 
 pytestmark = pytest.mark.integration
-
-
-def _one_error_line(stderr: str) -> str:
-    """The single ``error:`` line, after checking there is no traceback."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, stderr[-3000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -185,19 +176,13 @@ def test_bad_data_and_models_via_the_cli(config, student_dir, tmp_path):
     done = {name: finish(proc, timeout=120) for name, proc in procs.items()}
     for name, proc in done.items():
         assert proc.returncode == 1, (name, proc.stderr[-3000:])
-    assert _one_error_line(done["empty"].stderr) == (
+    assert one_error_line(done["empty"].stderr) == (
         f"error: data.init_args.source.init_args.path: JsonlPrompts.path='{empty}' holds no rows; write one "
         'JSON object per line, e.g. {"prompt": "2+2=", "answer": "4"}'
     )
-    line = _one_error_line(done["weights"].stderr)
+    line = one_error_line(done["weights"].stderr)
     assert line.startswith(f"error: model.init_args.student: Could not load model '{no_weights}': ")
     assert "model.safetensors" in line and "save_pretrained" in line
-
-
-def _main(args: list[str], monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys, "argv", ["lit_opd", *args])
-    main()
 
 
 @pytest.mark.parametrize(
@@ -218,10 +203,10 @@ def _main(args: list[str], monkeypatch) -> None:  # noqa: ANN001
 )
 def test_user_errors_print_one_line(config, override, code, expected, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
-        _main(["fit", "--config", str(config), *override], monkeypatch)
+        run_main(["fit", "--config", str(config), *override], monkeypatch)
     assert exit_.value.code == code
     err = capsys.readouterr().err
-    assert _one_error_line(err).startswith(expected), err[-3000:]
+    assert one_error_line(err).startswith(expected), err[-3000:]
     assert "Namespace(" not in err and "Given value" not in err
 
 
@@ -236,10 +221,10 @@ def test_lr_1e6_quickstart_ends_with_the_guards_message(tmp_path, monkeypatch, c
         "--data.init_args.batch_size", "8", "--data.init_args.val_source.init_args.num_rows", "8",
     ]
     with pytest.raises(SystemExit) as exit_:
-        _main(args, monkeypatch)
+        run_main(args, monkeypatch)
     assert exit_.value.code == 1
     err = capsys.readouterr().err
-    line = _one_error_line(err)
+    line = one_error_line(err)
     # the first NaN step depends on the install's float details (3 or 14 seen); the message's shape does not
     assert re.match(r"error: At global step \d+: ", line) and "lr=1e+06 (the usual cause" in line, line
     assert "probability tensor" not in err
@@ -251,7 +236,7 @@ def test_debug_variable_shows_the_traceback(config, monkeypatch):
     monkeypatch.setenv(DEBUG_ENV, "1")
     # the exception itself, as jsonargparse raised it (wrapping lit_opd's OSError)
     with pytest.raises(ValueError, match="Could not load model '/no/such/teacher'"):
-        _main(["fit", "--config", str(config), "--model.init_args.teacher.init_args.model",
+        run_main(["fit", "--config", str(config), "--model.init_args.teacher.init_args.model",
                "/no/such/teacher"], monkeypatch)
 
 
@@ -264,15 +249,7 @@ class Broken(L.Callback):
 
 def test_internal_errors_keep_their_traceback(config, monkeypatch):
     with pytest.raises(KeyError, match="missing"):
-        _main(["fit", "--config", str(config), f"--trainer.callbacks+={__name__}.Broken"], monkeypatch)
-
-
-def _raise(fn, *args, **kwargs) -> BaseException:  # noqa: ANN001, ANN003
-    try:
-        fn(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - the point is to look at it
-        return err
-    raise AssertionError(f"{fn} did not raise")
+        run_main(["fit", "--config", str(config), f"--trainer.callbacks+={__name__}.Broken"], monkeypatch)
 
 
 def test_the_suites_other_bad_inputs_count_as_user_errors(char_tok, monkeypatch):
@@ -291,22 +268,22 @@ def test_the_suites_other_bad_inputs_count_as_user_errors(char_tok, monkeypatch)
     monkeypatch.delenv("LIT_OPD_UNSET_KEY", raising=False)
     module = make_module(char_tok)
     cases = {
-        "vocab": (_raise(check_tokenizers_compatible, char_tok, extra), "tokenizers differ"),
-        "eos": (_raise(check_tokenizers_compatible, char_tok, other_eos), "disagree on eos_token_id"),
-        "api key": (_raise(APITeacher, "http://127.0.0.1:1/v1", "m", api_key_env="LIT_OPD_UNSET_KEY"),
+        "vocab": (raised(check_tokenizers_compatible, char_tok, extra), "tokenizers differ"),
+        "eos": (raised(check_tokenizers_compatible, char_tok, other_eos), "disagree on eos_token_id"),
+        "api key": (raised(APITeacher, "http://127.0.0.1:1/v1", "m", api_key_env="LIT_OPD_UNSET_KEY"),
                     "APITeacher.api_key_env='LIT_OPD_UNSET_KEY' names an environment variable"),
-        "over-long": (_raise(PromptTokenizer(char_tok, 2, "error", None, None).rows, [{"prompt": "1+1="}],
+        "over-long": (raised(PromptTokenizer(char_tok, 2, "error", None, None).rows, [{"prompt": "1+1="}],
                              "training"), "max_prompt_tokens=2; raise max_prompt_tokens"),
-        "teacher changed": (_raise(module.on_load_checkpoint, {"state_dict": {}, "lit_opd": {"teacher": {}}}),
+        "teacher changed": (raised(module.on_load_checkpoint, {"state_dict": {}, "lit_opd": {"teacher": {}}}),
                             "allow_teacher_change: true"),
-        "server down": (_raise(ServerTeacher(f"http://127.0.0.1:{free_port()}/v1", "m", k=2, retries=0).connect),
+        "server down": (raised(ServerTeacher(f"http://127.0.0.1:{free_port()}/v1", "m", k=2, retries=0).connect),
                         "cannot reach the teacher server at http://127.0.0.1:"),
     }
     for name, (err, expected) in cases.items():
         message = user_message(err)
         assert message is not None and expected in message, (name, message)
     # bugs are not the user's: a KeyError, and a ValueError raised inside torch
-    assert user_message(_raise(dict().__getitem__, "x")) is None
-    assert user_message(_raise(torch.optim.AdamW, [torch.zeros(1)], lr=-1.0)) is None
+    assert user_message(raised(dict().__getitem__, "x")) is None
+    assert user_message(raised(torch.optim.AdamW, [torch.zeros(1)], lr=-1.0)) is None
     # an unpickling error other than torch's weights-only refusal (unsafe checkpoint) stays a bug
-    assert user_message(_raise(pickle.loads, b"not a pickle")) is None
+    assert user_message(raised(pickle.loads, b"not a pickle")) is None

@@ -33,6 +33,20 @@ class RolloutEngine:
 
     #: times the engine loaded the student's weights (0 for an engine that samples with the student).
     syncs: int = 0
+    #: (student object, weights version) of the last sync; None before the first.
+    synced_version: Hashable = None
+
+    def sync(self, policy: nn.Module, weights_version: Hashable = None) -> None:
+        """Load ``policy``'s current weights (engines that keep their own copy of them)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no copy of the weights to sync")
+
+    def sync_if_stale(self, policy: nn.Module, weights_version: Hashable) -> None:
+        """:meth:`sync` unless the engine already holds ``policy``'s weights at ``weights_version``
+        (another student object always counts as new weights)."""
+        version = (id(policy), weights_version)
+        if version != self.synced_version:
+            self.sync(policy, weights_version)
+            self.synced_version = version  # only once loaded: a failed sync is retried
 
     def setup(self, policy: nn.Module, tokenizer, trainer, max_model_len: int) -> None:  # noqa: ANN001
         """Check that this engine can run ``policy`` and prepare it (once per process)."""

@@ -175,7 +175,6 @@ class VLLMEngine(RolloutEngine):
         self.cpu_kvcache_gib, self.engine_kwargs = cpu_kvcache_gib, dict(engine_kwargs or {})
         self.llm = None
         self.syncs = 0
-        self.synced_version: Hashable = object()  # matches no version: the first rollout syncs
         self._config_dir: str | None = None
 
     # ----- building the engine --------------------------------------------------------------
@@ -224,7 +223,7 @@ class VLLMEngine(RolloutEngine):
         return kwargs
 
     # ----- weights --------------------------------------------------------------------------
-    def sync(self, policy: nn.Module) -> None:
+    def sync(self, policy: nn.Module, weights_version: Hashable = None) -> None:
         """Load ``policy``'s current weights into vLLM and forget KV blocks computed with the old ones."""
         self.llm.start_weight_update()
         weights = [(name, tensor.detach()) for name, tensor in hf_weights(policy)]
@@ -247,10 +246,7 @@ class VLLMEngine(RolloutEngine):
         asleep = self.sleep_between_rollouts and self.syncs > 0
         if asleep:
             self.llm.wake_up(tags=["weights"])
-        version = (id(policy), weights_version)  # another student object is always new weights
-        if version != self.synced_version:
-            self.sync(policy)
-            self.synced_version = version
+        self.sync_if_stale(policy, weights_version)
         if asleep:
             self.llm.wake_up(tags=["kv_cache"])
         prompts = [{"prompt_token_ids": ids} for ids in prompt_token_lists(prompt_ids_BP, prompt_mask_BP)]

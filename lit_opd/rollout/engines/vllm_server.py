@@ -189,7 +189,6 @@ class VLLMServerEngine(RolloutEngine):
         self.nccl_master_address, self.api_key_env = nccl_master_address, api_key_env
         self.servers: list[Server] = []
         self.syncs = 0
-        self.synced_version: Hashable = object()  # matches no version: the first rollout syncs
         self._trainer = None
         self._own_dir: str | None = None
 
@@ -299,17 +298,17 @@ class VLLMServerEngine(RolloutEngine):
         os.makedirs(directory, exist_ok=True)
         return os.path.join(directory, f"student-{os.getpid()}.safetensors")
 
-    def sync(self, policy: nn.Module, version: Hashable) -> None:
+    def sync(self, policy: nn.Module, weights_version: Hashable = None) -> None:
         """Load ``policy``'s current weights into every server and forget their cached prefixes."""
         sender = self._rank() == 0
         if self.servers[0].backend == NCCL_BACKEND:
             for server in self.servers:  # on every rank: the others join in gathering a sharded student
-                self._update(server, version, server.nccl.send_weights, sender)
+                self._update(server, weights_version, server.nccl.send_weights, sender)
         elif sender:
             path = self.weights_path()
             save_weights(policy, path)
             with ThreadPoolExecutor(max_workers=len(self.servers)) as pool:
-                list(pool.map(lambda s: self._update(s, version, lambda: self._load_file(s, path)),
+                list(pool.map(lambda s: self._update(s, weights_version, lambda: self._load_file(s, path)),
                               self.servers))
         else:
             for _ in hf_weights(policy):  # a sharded student is gathered by every rank
@@ -358,10 +357,7 @@ class VLLMServerEngine(RolloutEngine):
     ) -> SampleOutput:
         if not self.servers:
             raise RuntimeError("VLLMServerEngine.generate before setup (the datamodule sets its engine up)")
-        version = (id(policy), weights_version)  # another student object is always new weights
-        if version != self.synced_version:
-            self.sync(policy, weights_version)
-            self.synced_version = version
+        self.sync_if_stale(policy, weights_version)
         prompts = prompt_token_lists(prompt_ids_BP, prompt_mask_BP)
         seeds = request_seeds(seed, len(prompts), params.num_samples)
         jobs = [(self.servers[i % len(self.servers)], ids, completion_request(params, eos_token_ids, s))
@@ -404,4 +400,4 @@ class VLLMServerEngine(RolloutEngine):
             shutil.rmtree(self._own_dir, ignore_errors=True)
         self._own_dir = None
         self.servers = []
-        self.synced_version = object()
+        self.synced_version = None
