@@ -247,3 +247,21 @@ def settings_change_message(subject: str, changes: list[str]) -> str:
         f"{subject} was trained with other settings: {'; '.join(changes)}. Resume with the same "
         "settings, or set allow_settings_change: true to continue with the new ones on purpose."
     )
+
+
+def hparam_changes(saved: dict, given: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The method settings (plain hyperparameters, e.g. ``lmbda``) whose value for this run differs from
+    the checkpoint's, as "name saved -> given" phrases; keys in ``ignore`` are not compared."""
+    return [f"{key} {_plain(saved[key])!r} -> {_plain(value)!r}" for key, value in given.items()
+            if key not in ignore and key in saved and _plain(saved[key]) != _plain(value)]
+
+
+def _plain(value: object) -> object:
+    """A config value as plain data, so a tuple read from YAML equals the list saved in a checkpoint."""
+    if hasattr(value, "as_dict"):  # a jsonargparse Namespace
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

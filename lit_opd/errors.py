@@ -2,10 +2,11 @@
 
 What counts as the user's error (:func:`find_user_error`):
 
-* a :class:`UserError` (e.g. :class:`NonFiniteError`), wherever it is raised;
-* a ``ValueError``, ``OSError`` (``FileNotFoundError`` included) or ``ImportError`` raised by
-  lit_opd's own code: by the project's convention these are its validation errors, and their
-  message already names the setting and the fix;
+* a :class:`UserError`, wherever it is raised: every check of the user's input in lit_opd raises one
+  (:class:`SettingError` for a bad setting or row, :class:`MissingFile`, :class:`UnusablePath`,
+  :class:`MissingExtra`, :class:`NonFiniteError`, the checkpoint errors ...), and its message names the
+  setting and the fix;
+* Lightning's ``MisconfigurationException`` (its verdict on the trainer's settings);
 * either of the above wrapped by jsonargparse while it builds the objects of a config;
 * torch's refusal to load a checkpoint with ``weights_only=True`` (an ``UnpicklingError`` that starts
   "Weights only load failed"), anywhere in the exception chain: the file holds pickled Python objects
@@ -13,8 +14,8 @@ What counts as the user's error (:func:`find_user_error`):
 * torch failing to read a damaged or truncated checkpoint (no zip central directory, a garbled index,
   an empty file: :func:`damaged_checkpoint`), anywhere in the exception chain.
 
-Everything else (a ``TypeError``, ``KeyError``, ``RuntimeError``, or a ``ValueError`` raised inside
-torch / transformers) is treated as a bug and keeps its traceback. ``LIT_OPD_DEBUG=1`` shows the
+Everything else (a ``TypeError``, ``KeyError``, ``RuntimeError``, or a plain ``ValueError`` — raised
+inside torch / transformers or by a bug in lit_opd itself) is treated as a bug and keeps its traceback. ``LIT_OPD_DEBUG=1`` shows the
 traceback of user errors too.
 """
 
@@ -30,7 +31,6 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
 DEBUG_ENV = "LIT_OPD_DEBUG"
 DEBUG_HINT = f"(set {DEBUG_ENV}=1 to see the traceback)"
 NONFINITE_ADVICE = (
@@ -42,6 +42,25 @@ NONFINITE_ADVICE = (
 class UserError(Exception):
     """An error whose fix lies in the run's settings or data, not in lit_opd's code: the CLI prints
     its message alone, without a traceback."""
+
+
+class SettingError(UserError, ValueError):
+    """A setting, an input row or a file's content the user gave is wrong; the message names it and the
+    fix. Every check of the user's input in lit_opd raises this (or another UserError): a ValueError
+    that is not one is a bug and keeps its traceback."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A path the user gave does not exist; the message names the setting."""
+
+
+class UnusablePath(UserError, OSError):
+    """A path the user gave cannot be used as it is: a directory where a file is wanted, an occupied
+    output folder, no permission, a failing read."""
+
+
+class MissingExtra(UserError, ImportError):
+    """A feature the user turned on needs an optional package; the message names the extra."""
 
 
 class TeacherUnreachable(UserError, RuntimeError):
@@ -97,6 +116,11 @@ class ExportFailed(UserError, OSError):
     """``export`` could not write its output (e.g. the disk is full); ``--out`` was left as it was."""
 
 
+class CheckpointWriteFailed(UserError, OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the file already at its path, if
+    any, was left as it was. The message names both."""
+
+
 # ----- telling user errors apart --------------------------------------------------------------
 def raised_in(err: BaseException, directory: Path | str) -> bool:
     """Whether the innermost frame of ``err``'s traceback (where it was raised) lies under ``directory``."""
@@ -105,9 +129,30 @@ def raised_in(err: BaseException, directory: Path | str) -> bool:
 
 
 def is_user_error(err: BaseException) -> bool:
-    if isinstance(err, UserError):
-        return True
-    return isinstance(err, (ValueError, OSError, ImportError)) and raised_in(err, PACKAGE_DIR)
+    """The user's by declaration: a :class:`UserError` (lit_opd's checks raise nothing else for the
+    user's input) or Lightning's verdict on the trainer's settings. Where an error is raised does not
+    count: a ValueError from a bug inside lit_opd keeps its traceback."""
+    return isinstance(err, UserError) or lightning_misconfiguration(err)
+
+
+def lightning_misconfiguration(err: BaseException) -> bool:
+    """Lightning's own verdict on the trainer's settings (``accelerator: gpu`` with no GPU, more
+    ``devices`` than there are): its message names the setting."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return isinstance(err, MisconfigurationException)
+
+
+def misconfiguration_message(err: BaseException) -> str:
+    """Lightning's message, with what this machine has when it is about the accelerator."""
+    import torch
+
+    message = str(err).strip()
+    if re.search(r"gpu|cuda|accelerator|devices", message, re.IGNORECASE) and not torch.cuda.is_available():
+        built = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device visible"
+        message += (f" (this machine has {built}); set trainer.accelerator to cpu or auto, or run on a machine "
+                    "with a GPU and a CUDA build of torch")
+    return f"trainer: {message}"
 
 
 def find_user_error(err: BaseException) -> BaseException | None:
@@ -270,8 +315,10 @@ def user_message(err: BaseException) -> str | None:
             return damaged_checkpoint_message(_damaged_subject(damage), damage)
         refusal = weights_only_refusal(err)
         return None if refusal is None else unsafe_checkpoint_message(_refused_subject(refusal), refusal)
+    if lightning_misconfiguration(found):
+        return misconfiguration_message(found)
     message = str(found).strip() or type(found).__name__
-    if isinstance(found, (CheckpointError, ExportFailed)):  # names its file itself
+    if isinstance(found, (CheckpointError, ExportFailed, CheckpointWriteFailed)):  # names its file
         return message
     keys = settings_quoted_in(message)
     if len(keys) == 1:
@@ -287,15 +334,25 @@ def debug_requested() -> bool:
 
 @contextlib.contextmanager
 def user_errors_exit() -> Iterator[None]:
-    """Around the CLI: a user error ends the process with its message and exit code 1, no traceback."""
+    """Around the CLI: a user error ends the process with its message and exit code 1, no traceback.
+    Under DDP every rank meets the same bad setting, so only rank 0 prints it; the others exit 1
+    without a word (one line on the console, not one per rank)."""
     try:
         yield
     except Exception as err:
         message = None if debug_requested() else user_message(err)
         if message is None:
             raise
-        sys.stderr.write(f"error: {message}\n{DEBUG_HINT}\n")
+        if process_rank() == 0:
+            sys.stderr.write(f"error: {message}\n{DEBUG_HINT}\n")
         sys.exit(1)
+
+
+def process_rank() -> int:
+    """This process's global rank as Lightning knows it (0 outside distributed runs)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 # ----- jsonargparse's parse errors, condensed -------------------------------------------------

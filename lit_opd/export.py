@@ -33,7 +33,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lit_opd.checkpoints import read_checkpoint, verify_checksums
-from lit_opd.errors import ExportFailed
+from lit_opd.errors import ExportFailed, MissingFile, SettingError, UnusablePath
 
 # Config entries that must agree between a LoRA checkpoint's student and the base it is put on.
 _ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
@@ -52,12 +52,12 @@ def export_checkpoint(
     ckpt_file, out_dir = Path(ckpt_path), Path(out)
     out_dir = out_dir.resolve() if out_dir.is_symlink() else out_dir  # replace the target, keep the link
     if not ckpt_file.is_file():
-        raise FileNotFoundError(f"export --ckpt_path {ckpt_path!r} does not exist")
+        raise MissingFile(f"export --ckpt_path {ckpt_path!r} does not exist")
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"export --out {out!r} is a file; choose a directory")
+        raise UnusablePath(f"export --out {out!r} is a file; choose a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(
+            raise UnusablePath(
                 f"export --out {out!r} is not empty; choose a new directory or pass --overwrite true"
             )
         _check_replaceable(out_dir, ckpt_file, out)
@@ -65,7 +65,7 @@ def export_checkpoint(
     checkpoint = read_checkpoint(ckpt_file, subject, "nothing was written")
     info = checkpoint.get("lit_opd")
     if not info or not info.get("student_config"):
-        raise ValueError(f"{ckpt_path} is not a lit_opd checkpoint of a transformers student (no student config)")
+        raise SettingError(f"{ckpt_path} is not a lit_opd checkpoint of a transformers student (no student config)")
     verify_checksums(info, checkpoint["state_dict"], subject, "nothing was written")
     state = {k.removeprefix("student."): v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
     if info.get("peft") is not None:
@@ -73,7 +73,7 @@ def export_checkpoint(
         if not adapters_only:
             model = model.merge_and_unload()
     elif adapters_only or base is not None:
-        raise ValueError(f"{ckpt_path} holds a full student, not LoRA adapters: drop --adapters_only/--base")
+        raise SettingError(f"{ckpt_path} holds a full student, not LoRA adapters: drop --adapters_only/--base")
     else:
         model = _full_student(info, state)
     with _written_in_place_of(out_dir, out) as staging:
@@ -88,10 +88,10 @@ def _check_replaceable(out_dir: Path, ckpt_file: Path, out: str) -> None:
     earlier export (which is files only) — a folder inside it, or the checkpoint being exported."""
     folders = sorted(p.name for p in out_dir.iterdir() if p.is_dir())
     if folders:
-        raise FileExistsError(f"export --out {out!r} holds folders ({folders[0]!r}), which --overwrite would "
+        raise UnusablePath(f"export --out {out!r} holds folders ({folders[0]!r}), which --overwrite would "
                               "delete with the rest of it (an export is files only); choose a new directory")
     if ckpt_file.resolve().parent == out_dir.resolve():
-        raise FileExistsError(f"export --out {out!r} holds the checkpoint being exported, which --overwrite "
+        raise UnusablePath(f"export --out {out!r} holds the checkpoint being exported, which --overwrite "
                               "would delete; choose a new directory")
 
 
@@ -146,7 +146,7 @@ def _full_student(info: dict, state: dict) -> torch.nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the student architecture: missing {missing[:5]}, "
+        raise SettingError(f"checkpoint does not match the student architecture: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     return model
 
@@ -158,7 +158,7 @@ def _lora_student(info: dict, adapter_state: dict, base: str | None) -> torch.nn
 
     spec = dict(info.get("student_spec") or {})
     if base is None and not spec.get("path"):
-        raise ValueError("This LoRA checkpoint records no base model path (the student was an nn.Module); "
+        raise SettingError("This LoRA checkpoint records no base model path (the student was an nn.Module); "
                          "pass --base with the directory or hub id of its base model")
     spec.update(lora=None, quantization=None, random_init=False)  # merge into full-precision weights
     if base is not None:
@@ -167,7 +167,7 @@ def _lora_student(info: dict, adapter_state: dict, base: str | None) -> torch.nn
     saved, found = info["student_config"], base_model.config.to_dict()
     differ = [k for k in _ARCH_KEYS if k in saved and saved[k] != found.get(k)]
     if differ:
-        raise ValueError(f"The base at {spec['path']!r} is not the model these adapters were trained on: "
+        raise SettingError(f"The base at {spec['path']!r} is not the model these adapters were trained on: "
                          f"{', '.join(f'{k} {found.get(k)} != {saved[k]}' for k in differ)}")
     return rebuild(info["peft"], base_model, adapter_state)
 

@@ -28,12 +28,17 @@ Needs ``pip install 'lit_opd[lora]'``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
+
+from lit_opd.errors import MissingExtra, SettingError
 
 INSTALL_HINT = "pip install 'lit_opd[lora]'"
 # peft config entries that describe where/when it was saved, not what the adapters compute.
@@ -59,13 +64,13 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"LoraSpec.r={self.r} must be >= 1")
+            raise SettingError(f"LoraSpec.r={self.r} must be >= 1")
         if self.alpha <= 0:
-            raise ValueError(f"LoraSpec.alpha={self.alpha} must be > 0")
+            raise SettingError(f"LoraSpec.alpha={self.alpha} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraSpec.dropout={self.dropout} must be in [0, 1)")
+            raise SettingError(f"LoraSpec.dropout={self.dropout} must be in [0, 1)")
         if not self.target_modules:
-            raise ValueError("LoraSpec.target_modules is empty: use 'all-linear' or a list of module names")
+            raise SettingError("LoraSpec.target_modules is empty: use 'all-linear' or a list of module names")
 
     def identity(self) -> dict:
         return asdict(self)
@@ -79,11 +84,34 @@ class LoraSpec:
         )
 
 
+# bitsandbytes' CPU backend logs this on import when an optional 4-bit kernel is missing; peft imports
+# bitsandbytes whenever it is installed, so every LoRA run printed it though nothing is quantized. A
+# quantized model imports bitsandbytes itself first (lit_opd.models), so its runs still get the hint.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_CPU_HINT = "Failed to load CPU gemm_4bit_forward"
+
+
+def _not_bnb_cpu_hint(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_BNB_CPU_HINT)
+
+
+@contextlib.contextmanager
+def quiet_bnb_cpu_hint() -> Iterator[None]:
+    """Drop bitsandbytes' missing-CPU-kernel warning (only that message) while the block runs."""
+    bnb_logger = logging.getLogger(_BNB_CPU_LOGGER)
+    bnb_logger.addFilter(_not_bnb_cpu_hint)
+    try:
+        yield
+    finally:
+        bnb_logger.removeFilter(_not_bnb_cpu_hint)
+
+
 def require_peft():  # noqa: ANN201 - the peft module
     try:
-        import peft
+        with quiet_bnb_cpu_hint():
+            import peft
     except ImportError as err:
-        raise ImportError(f"A LoRA student (ModelSpec.lora) needs peft: {INSTALL_HINT}") from err
+        raise MissingExtra(f"A LoRA student (ModelSpec.lora) needs peft: {INSTALL_HINT}") from err
     return peft
 
 
@@ -147,25 +175,34 @@ def check_resume(saved: dict, current: dict | None, student_spec: dict | None) -
     if before is None and current is None:
         return
     if before is None:
-        raise ValueError(
+        raise SettingError(
             "This checkpoint holds a full (non-LoRA) student but the configured student has LoRA "
             "adapters. Export the checkpoint and use the exported directory as the LoRA base instead."
         )
     old = _settings(before)
     if current is None:
         summary = {k: old.get(k) for k in ("r", "lora_alpha", "lora_dropout")}
-        raise ValueError(
+        raise SettingError(
             f"This checkpoint holds only LoRA adapters ({summary}); configure the student with the "
             "same `lora:` settings and base to resume it."
         )
     new = _settings(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
-        raise ValueError(f"The LoRA settings differ from the checkpoint's in {changed}; resume with the same")
+        # peft's names (lora_alpha) as the user writes them under `lora:` (alpha).
+        differences = ", ".join(
+            f"{k.removeprefix('lora_')}: checkpoint {old.get(k)!r}, configured {new.get(k)!r}"
+            for k in changed
+        )
+        raise SettingError(
+            f"The LoRA settings differ from the checkpoint's ({differences}); nothing was loaded. Resume "
+            "with the checkpoint's values under model.init_args.student.lora, or start a new run without "
+            "--ckpt_path."
+        )
     old_spec = saved.get("student_spec") or {}
     for key in ("path", "revision"):
         if student_spec is not None and key in old_spec and old_spec[key] != student_spec.get(key):
-            raise ValueError(
+            raise SettingError(
                 f"This LoRA checkpoint was trained on base {key}={old_spec[key]!r}, but the student's base "
                 f"is {key}={student_spec.get(key)!r}. Adapters only fit the base they were trained on."
             )
@@ -174,7 +211,7 @@ def check_resume(saved: dict, current: dict | None, student_spec: dict | None) -
 def check_adapter_keys(saved: set[str], expected: set[str]) -> None:
     """A LoRA checkpoint must hold exactly the adapter tensors of the student it resumes."""
     if saved != expected:
-        raise ValueError(
+        raise SettingError(
             "The checkpoint's adapter tensors do not match the student's: "
             f"missing {sorted(expected - saved)[:5]}, unexpected {sorted(saved - expected)[:5]}"
         )
@@ -191,7 +228,7 @@ def rebuild(record: dict, base: nn.Module, adapter_state: dict) -> nn.Module:
     _, unexpected = model.load_state_dict(adapter_state, strict=False)
     absent = sorted(trainable_keys(model) - set(adapter_state))
     if unexpected or absent:
-        raise ValueError(
+        raise SettingError(
             f"The checkpoint's adapters do not fit the base: unexpected {unexpected[:5]}, "
             f"missing {absent[:5]}"
         )

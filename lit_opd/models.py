@@ -8,13 +8,15 @@ passes through unchanged, so Python users can hand in models they built themselv
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from lit_opd.errors import MissingExtra, SettingError, UnusablePath
 from lit_opd.lora import LoraSpec, apply_lora, require_peft
 from lit_opd.types import RolloutBatch
 
@@ -52,11 +54,11 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"ModelSpec.dtype={self.dtype!r} is not one of {sorted(DTYPES) + ['auto']}")
+            raise SettingError(f"ModelSpec.dtype={self.dtype!r} is not one of {sorted(DTYPES) + ['auto']}")
         if self.quantization not in (None, "8bit", "4bit"):
-            raise ValueError(f"ModelSpec.quantization={self.quantization!r}: use null, '8bit' or '4bit'")
+            raise SettingError(f"ModelSpec.quantization={self.quantization!r}: use null, '8bit' or '4bit'")
         if self.lora is not None and self.random_init:
-            raise ValueError("ModelSpec.lora needs pretrained base weights; it cannot go with random_init")
+            raise SettingError("ModelSpec.lora needs pretrained base weights; it cannot go with random_init")
 
     def identity(self) -> dict:
         """What a checkpoint records to recognise this model again on resume."""
@@ -76,7 +78,7 @@ def _quantization_config(spec: ModelSpec):  # noqa: ANN202 - BitsAndBytesConfig 
         import bitsandbytes  # noqa: F401
         import accelerate  # noqa: F401
     except ImportError as err:
-        raise ImportError(
+        raise MissingExtra(
             f"ModelSpec.quantization={spec.quantization!r} needs bitsandbytes and accelerate: "
             "pip install 'lit_opd[quant]'"
         ) from err
@@ -107,8 +109,11 @@ def load_causal_lm(model: ModelSpec | str | nn.Module) -> nn.Module:
             config = AutoConfig.from_pretrained(spec.path, **{k: kwargs[k] for k in ("revision", "trust_remote_code")})
             return AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"] if spec.dtype != "auto" else None)
         model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
+    except ValueError as err:
+        refuse_remote_code(spec.path, err)
+        raise
     except OSError as err:
-        raise OSError(
+        raise UnusablePath(
             f"Could not load model {spec.path!r}: {_load_failure(spec.path, err)}. Point `path` at a "
             "local directory written by `save_pretrained` (or by `python -m lit_opd export`), or at a hub "
             "id you can reach."
@@ -124,7 +129,7 @@ def load_tokenizer(
         return tokenizer
     if tokenizer is None:
         if isinstance(model, nn.Module):
-            raise ValueError("A model passed as an nn.Module needs `tokenizer=` (a path or a tokenizer object)")
+            raise SettingError("A model passed as an nn.Module needs `tokenizer=` (a path or a tokenizer object)")
         spec = as_spec(model)
         tokenizer = spec.tokenizer or spec.path
         kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
@@ -132,8 +137,11 @@ def load_tokenizer(
         kwargs = {}
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer, **kwargs)
+    except ValueError as err:
+        refuse_remote_code(tokenizer, err)
+        raise
     except OSError as err:
-        raise OSError(
+        raise UnusablePath(
             f"Could not load a tokenizer from {tokenizer!r}: {_load_failure(tokenizer, err)}. Point "
             "`tokenizer` (or the model path) at a directory holding tokenizer files, or at a hub id you "
             "can reach."
@@ -143,6 +151,18 @@ def load_tokenizer(
         # Padding is masked everywhere; EOS is the conventional stand-in.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def refuse_remote_code(path: str, err: ValueError) -> None:
+    """transformers' refusal to run the Python code a checkpoint ships (its ``auto_map``) without
+    ``trust_remote_code``, as one line that says how to allow it; other errors pass through."""
+    if "trust_remote_code" not in str(err) and "custom code" not in str(err):
+        return
+    raise SettingError(
+        f"Model {path!r} ships its own Python code (an auto_map in its config), which is not run unless you "
+        "allow it; if you trust where it comes from, give the model as a spec with trust_remote_code: true "
+        "(e.g. student: {path: ..., trust_remote_code: true}), or use a model transformers supports natively"
+    ) from err
 
 
 def _load_failure(path: str, err: Exception) -> str:
@@ -161,6 +181,35 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - torch without distributed
         return False
     return isinstance(tensor, DTensor) or isinstance(getattr(tensor, "data", None), DTensor)
+
+
+# Config attributes that make logits differ from lm_head(hidden).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def plain_head(model: nn.Module) -> bool:
+    """True when ``model``'s logits are its output layer applied to its decoder's last hidden state."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if config is None or not isinstance(head, nn.Linear) or not hasattr(model, "get_decoder"):
+        return False
+    if not head.weight.dtype.is_floating_point or head.weight.dim() != 2:  # e.g. a packed 4-bit head
+        return False
+    if is_dtensor(head.weight):  # FSDP2 shards it outside forward: use the logits path
+        return False
+    return all(getattr(config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
+def completion_hidden(model: nn.Module, batch: RolloutBatch) -> Tensor:
+    """Last hidden states at the positions that predict each completion token: (B, T, H)."""
+    T = batch.completion_ids_BT.shape[1]
+    out = model.get_decoder()(
+        input_ids=batch.input_ids_BL,
+        attention_mask=batch.attention_mask_BL,
+        position_ids=batch.position_ids_BL,
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, -T - 1 : -1, :]
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -183,7 +232,7 @@ def check_tokenizers_compatible(
         only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
         only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
         moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])[:5]
-        raise ValueError(
+        raise SettingError(
             f"Student and {teacher_name} tokenizers differ (student {len(s_vocab)} tokens, "
             f"{teacher_name} {len(t_vocab)}): only in student {only_s}, only in {teacher_name} {only_t}, "
             f"different ids {moved}. Token-level distillation needs the same token→id map; use a "
@@ -192,7 +241,7 @@ def check_tokenizers_compatible(
     for name in ("eos_token_id", "pad_token_id"):
         s_id, t_id = getattr(student_tok, name), getattr(teacher_tok, name)
         if s_id != t_id:
-            raise ValueError(
+            raise SettingError(
                 f"Student and {teacher_name} disagree on {name}: student {s_id}, {teacher_name} {t_id}. "
                 "Set the same special tokens on both tokenizers."
             )
@@ -202,7 +251,7 @@ def check_model_vocab(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name
     """The model's output layer must cover every token id the tokenizer can produce."""
     emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if emb is not None and emb.weight.shape[0] < len(tokenizer):
-        raise ValueError(
+        raise SettingError(
             f"The {name} model has {emb.weight.shape[0]} output rows but its tokenizer has "
             f"{len(tokenizer)} tokens; resize the model's embeddings or use its own tokenizer."
         )
@@ -223,3 +272,26 @@ def completion_logits(model: nn.Module, batch: RolloutBatch) -> torch.Tensor:
         use_cache=False,
     )
     return out.logits[:, :-1, :]
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def any_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """A 0-d bool tensor on the device, True when any element is NaN/inf; None for no tensors."""
+    flags = [torch.isfinite(local_tensor(t).detach()).all() for t in tensors if t.is_floating_point()]
+    if not flags:
+        return None
+    device = flags[0].device
+    return ~torch.stack([f.to(device) for f in flags]).all()
+
+
+def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding NaN/inf, else None."""
+    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    bad = any_nonfinite(t for _, t in named)
+    if bad is None or not bool(bad):
+        return None
+    return next((n for n, t in named if not bool(torch.isfinite(local_tensor(t)).all())), None)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from lit_opd.errors import SettingError
+
 
 class WarmupCosine(LambdaLR):
     """Linear warm-up to the optimizer's lr over ``warmup_steps``, then cosine decay to
@@ -16,7 +18,7 @@ class WarmupCosine(LambdaLR):
         self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
     ) -> None:
         if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-            raise ValueError(
+            raise SettingError(
                 f"WarmupCosine needs 0 <= warmup_steps <= total_steps and total_steps >= 1, got "
                 f"warmup_steps={warmup_steps}, total_steps={total_steps}"
             )

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from lit_opd.errors import SettingError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -45,19 +47,19 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise SettingError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.greedy and self.temperature <= 0:
-            raise ValueError(
+            raise SettingError(
                 f"SamplingParams.temperature must be > 0, got {self.temperature}; use greedy=True for argmax"
             )
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+            raise SettingError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise SettingError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.decode_step not in ("auto", "lean", "hf"):
-            raise ValueError(f"SamplingParams.decode_step={self.decode_step!r}: use 'auto', 'lean' or 'hf'")
+            raise SettingError(f"SamplingParams.decode_step={self.decode_step!r}: use 'auto', 'lean' or 'hf'")
         if self.num_samples < 1:
-            raise ValueError(f"SamplingParams.num_samples must be >= 1, got {self.num_samples}")
+            raise SettingError(f"SamplingParams.num_samples must be >= 1, got {self.num_samples}")
 
 
 @dataclass

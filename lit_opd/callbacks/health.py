@@ -40,20 +40,16 @@ this check) and ``trainer.detect_anomaly=true`` (finds the operation that made t
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_opd.errors import NonFiniteError, TeacherUnreachable, UserError
+from lit_opd.callbacks.checkpoint_io import install_atomic_checkpoint_io
+from lit_opd.errors import NonFiniteError, SettingError, TeacherUnreachable, UserError
+from lit_opd.models import any_nonfinite, first_nonfinite
 
 SKIPPED_KEY = "train/skipped_nonfinite"
 SKIPPED_UNSUPERVISED_KEY = "train/skipped_unsupervised"
@@ -67,7 +63,7 @@ class HealthGuard(L.Callback):
     Each skipped step is counted (logged as ``train/skipped_nonfinite``, the total so far) and warned
     about with its step. The error names the step, the first non-finite loss term or parameter, and
     the settings most likely at fault (learning rate, temperatures, λ). Checkpoints are written
-    atomically and never from non-finite weights (:class:`AtomicCheckpointIO`). Updates without
+    atomically and never from non-finite weights (:class:`~lit_opd.callbacks.AtomicCheckpointIO`). Updates without
     supervision are skipped too (``train/skipped_unsupervised``; see the module's docstring).
 
     Args:
@@ -75,7 +71,7 @@ class HealthGuard(L.Callback):
         max_unsupervised_steps: skipped steps in a row without supervision (the teacher answered none
             of their rows: its server is down) after which the run stops, naming the teacher's URL.
         check_weights: after every update, check the trainable weights (one pass over them).
-        atomic_checkpoints: install :class:`AtomicCheckpointIO` when the strategy uses Lightning's
+        atomic_checkpoints: install :class:`~lit_opd.callbacks.AtomicCheckpointIO` when the strategy uses Lightning's
             default checkpoint writer (a writer you configured yourself is left alone).
         enabled: False turns every check off (Lightning's behaviour).
     """
@@ -91,7 +87,7 @@ class HealthGuard(L.Callback):
         for name, value in (("max_consecutive_skips", max_consecutive_skips),
                             ("max_unsupervised_steps", max_unsupervised_steps)):
             if value < 1:
-                raise ValueError(f"HealthGuard.{name}={value} must be >= 1")
+                raise SettingError(f"HealthGuard.{name}={value} must be >= 1")
         self.max_consecutive_skips, self.check_weights = max_consecutive_skips, check_weights
         self.max_unsupervised_steps = max_unsupervised_steps
         self.atomic_checkpoints, self.enabled = atomic_checkpoints, enabled
@@ -276,29 +272,6 @@ def _base_urls(identity: Any) -> Iterable[str]:
                 yield from _base_urls(value)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a sharded (DTensor) tensor; the tensor itself otherwise."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def any_nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
-    """A 0-d bool tensor on the device, True when any element is NaN/inf; None for no tensors."""
-    flags = [torch.isfinite(_local(t).detach()).all() for t in tensors if t.is_floating_point()]
-    if not flags:
-        return None
-    device = flags[0].device
-    return ~torch.stack([f.to(device) for f in flags]).all()
-
-
-def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
-    """The name of the first floating-point tensor holding NaN/inf, else None."""
-    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    bad = any_nonfinite(t for _, t in named)
-    if bad is None or not bool(bad):
-        return None
-    return next((n for n, t in named if not bool(torch.isfinite(_local(t)).all())), None)
-
-
 def suspect_settings(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
     """The settings that most often make training non-finite, with their values, learning rate first."""
     found = []
@@ -319,81 +292,3 @@ def suspect_settings(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
     found.append(f"precision={trainer.precision}")
     found.append(f"gradient_clip_val={trainer.gradient_clip_val}")
     return ", ".join(found)
-
-
-# ----- checkpoints --------------------------------------------------------------------------
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made safe to kill and unable to save NaN.
-
-    Lightning's ``_atomic_save`` serialises into memory and lets fsspec write a temporary file in
-    the system temp directory, then ``shutil.move`` it: across filesystems that is a plain copy onto
-    the target, and nothing is fsynced, so a kill or power cut can leave a truncated ``last.ckpt``.
-    Here the file is written next to its target, fsynced, and ``os.replace``-d over it (atomic on
-    POSIX and Windows), then the directory is fsynced: the target is always either the old or the
-    new checkpoint. A write killed midway leaves a ``.NAME.*.partial`` file, removed by the next
-    save of NAME. Remote paths (``s3://`` ...) keep Lightning's writer.
-
-    A checkpoint whose ``state_dict`` holds NaN/inf is refused with :class:`NonFiniteError` before
-    anything is written, so ModelCheckpoint cannot replace a good file with it (nor go on to delete
-    the older one it would have superseded).
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        bad = first_nonfinite(checkpoint.get("state_dict", {}).items())
-        if bad is not None:
-            raise NonFiniteError(
-                f"refusing to write checkpoint {path}: the weight {bad} holds NaN/inf. The file already "
-                "there (if any) is kept."
-            )
-        if storage_options is not None or not _is_local(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        atomic_torch_save(checkpoint, path)
-
-
-def _is_local(path: Any) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(get_filesystem(path), LocalFileSystem)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same directory: fsync, ``os.replace``."""
-    target = Path(str(path).removeprefix("file://"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.partial"):  # left by a killed earlier write
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes it private; keep the mode checkpoints usually have
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(target.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def install_atomic_checkpoint_io(trainer: L.Trainer) -> None:
-    """Swap the strategy's writer for :class:`AtomicCheckpointIO` when it is Lightning's default."""
-    strategy = trainer.strategy
-    if type(strategy.checkpoint_io) is TorchCheckpointIO:
-        strategy.checkpoint_io = AtomicCheckpointIO()

@@ -1,5 +1,5 @@
 """PolicyModule: what every method shares — the student, its tokenizer, the optimizer, step
-logging, greedy validation and a checkpoint that holds the student and nothing else.
+logging, validation and a checkpoint that holds the student and nothing else.
 
 Methods subclass :class:`~lit_opd.methods.opd.OPDModule` (or this, for SFT) and implement
 ``loss(batch, ...)``. The rollout DataModule reaches the student through :attr:`policy`.
@@ -7,9 +7,9 @@ Methods subclass :class:`~lit_opd.methods.opd.OPDModule` (or this, for SFT) and 
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
-import tempfile
 
 import lightning as L
 import torch
@@ -19,14 +19,28 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from lit_opd import checkpoints, lora
-from lit_opd.errors import CheckpointError
+from lit_opd.errors import CheckpointError, SettingError, UserError
 from lit_opd.models import ModelSpec, as_spec, check_model_vocab, load_causal_lm, load_tokenizer
+from lit_opd.rollout.datamodule import RolloutDataModule
+from lit_opd.rollout.evaluation import StageEvaluator
 from lit_opd.rollout.prompts import PromptTokenizer
 from lit_opd.types import RolloutBatch
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:  # noqa: ANN001
     return torch.optim.AdamW(params, lr=1e-5)
+
+
+def build_refusing_in_one_line(factory, arg, setting: str):  # noqa: ANN001, ANN201
+    """``factory(arg)``; torch refuses bad settings (a negative lr, betas outside [0, 1)) with a
+    ValueError from its own code, which the CLI would print as a bug: here it names the setting."""
+    try:
+        return factory(arg)
+    except ValueError as err:
+        raise SettingError(
+            f"model.init_args.{setting}: the {setting} refused its settings ({err}); fix that value under "
+            f"model.init_args.{setting}.init_args"
+        ) from err
 
 
 class PolicyModule(L.LightningModule):
@@ -68,8 +82,8 @@ class PolicyModule(L.LightningModule):
             self.strict_loading = False
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.allow_settings_change = allow_settings_change
-        self.val_accuracy = MeanMetric()
         self.val_length = MeanMetric()
+        self._evaluators: dict[str, StageEvaluator] = {}  # the running val / test tallies
         self._step_started = 0.0
         # The latest training step's loss terms (detached), so the HealthGuard can name a NaN one.
         self.step_terms: dict[str, torch.Tensor | float] = {}
@@ -107,30 +121,53 @@ class PolicyModule(L.LightningModule):
         outside a batch (ListOPD's calibration) gets them without reaching into the datamodule.
         Nothing to do by default."""
 
+    # ----- the step: one for every method ---------------------------------------------------
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
+        """The one training step of every method: its :meth:`compute_loss` on the rollout batch, then
+        the step's logging (loss terms, rollout statistics; a taught method adds its teacher's counters)."""
+        loss, metrics = self.compute_loss(batch)
+        self.log_rollout(batch, {"loss": loss.detach(), **metrics})
+        return loss
+
+    def compute_loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The method's loss on ``batch`` (differentiable) and its detached diagnostics, each logged as
+        ``train/<key>`` (``supervised_tokens`` also tells the HealthGuard whether the step had any
+        supervision). What a method writes, and all it writes of the step."""
+        raise NotImplementedError(f"{type(self).__name__} does not define compute_loss")
+
     def score_loss(self, batch: RolloutBatch) -> torch.Tensor:
         """The method's training loss on ``batch`` without an update (EffOPD's held-out score)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define score_loss")
+        return self.compute_loss(batch)[0]
 
     # ----- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):  # noqa: ANN201
         params = [p for p in self.student.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = build_refusing_in_one_line(self.optimizer_factory, params, "optimizer")
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        scheduler = build_refusing_in_one_line(self.scheduler_factory, optimizer, "scheduler")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
         """A default :class:`~lit_opd.callbacks.HealthGuard` (skip NaN/inf updates, stop with one
-        clear error, atomic checkpoints), unless the trainer already has one: Lightning lets a
-        callback returned here replace the trainer's own of the same type, so a HealthGuard the
-        user configured (other settings, or ``enabled: false``) must win by not returning ours."""
-        from lit_opd.callbacks.health import HealthGuard  # here: lit_opd.callbacks imports the methods
+        clear error, atomic checkpoints) and :class:`~lit_opd.callbacks.CollapseWatch` (warn when
+        the student collapses toward uniform or its completions run away), each unless the trainer
+        already has one: Lightning lets a callback returned here replace the trainer's own of the
+        same type, so one the user configured (other settings, or ``enabled: false``) must win by not
+        returning ours.
+
+        Also where a DataModule that is not a RolloutDataModule is refused: Lightning calls this first
+        of the module's hooks, with the DataModule attached, for fit, validate and test alike (methods
+        override ``setup``/``on_fit_start`` without calling up), before a remote teacher connects."""
+        # Imported here: lit_opd.callbacks imports the methods.
+        from lit_opd.callbacks.collapse import CollapseWatch
+        from lit_opd.callbacks.health import HealthGuard
 
         trainer = self._trainer
-        if trainer is not None and any(isinstance(cb, HealthGuard) for cb in trainer.callbacks):
-            return []
-        return [HealthGuard()]
+        check_rollout_datamodule(self, getattr(trainer, "datamodule", None))
+        configured = list(trainer.callbacks) if trainer is not None else []
+        defaults = [HealthGuard(), CollapseWatch()]
+        return [cb for cb in defaults if not any(isinstance(own, type(cb)) for own in configured)]
 
     # ----- logging --------------------------------------------------------------------------
     def on_train_batch_start(self, batch: RolloutBatch, batch_idx: int) -> None:
@@ -150,6 +187,8 @@ class PolicyModule(L.LightningModule):
         )
         self.log("tok/s", batch.num_tokens / max(total_s, 1e-9), prog_bar=True, logger=False)
 
+    progress_bar_terms: tuple[str, ...] = ("teacher_kl", "entropy")  # loss terms shown beside loss and len
+
     def log_rollout(self, batch: RolloutBatch, metrics: dict[str, torch.Tensor]) -> None:
         """Loss terms plus completion-length statistics, every step, key ones in the progress bar."""
         lengths_B = batch.completion_mask_BT.sum(-1).float()
@@ -164,19 +203,37 @@ class PolicyModule(L.LightningModule):
         B = batch.completion_ids_BT.shape[0]
         self.log_dict(stats, batch_size=B)
         bar = {"loss": metrics["loss"], "len": stats["rollout/len_mean"]}
-        bar.update({k: metrics[k] for k in ("teacher_kl", "entropy") if k in metrics})
+        bar.update({k: metrics[k] for k in self.progress_bar_terms if k in metrics})
         self.log_dict(bar, prog_bar=True, logger=False, batch_size=B)
 
     # ----- validation -----------------------------------------------------------------------
     def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
-        self.val_accuracy.update(batch.correct_B)
+        """Score the graded batch (``val/accuracy``, pass@k, per domain: logged at the epoch's end)."""
         self.val_length.update(batch.completion_mask_BT.sum(-1).float())
-        self.log("val/accuracy", self.val_accuracy, prog_bar=True, on_epoch=True, on_step=False)
         self.log("val/len_mean", self.val_length, on_epoch=True, on_step=False)
+        self._tally("val", batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_tally("val")
 
     def test_step(self, batch: RolloutBatch, batch_idx: int) -> None:
-        self.val_accuracy.update(batch.correct_B)
-        self.log("test/accuracy", self.val_accuracy, on_epoch=True, on_step=False)
+        """As :meth:`validation_step`, on ``test_source``'s prompts (``test/accuracy``, ...)."""
+        self._tally("test", batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_tally("test")
+
+    def _tally(self, stage: str, batch: RolloutBatch, batch_idx: int) -> None:
+        # A fresh tally at each epoch's first batch (none left over from an interrupted one), from
+        # the attached datamodule's evaluation settings and rows; logged and dropped at the epoch's end.
+        if batch_idx == 0 or stage not in self._evaluators:
+            self._evaluators[stage] = StageEvaluator.attached_to(self, stage)
+        self._evaluators[stage].update(batch)
+
+    def _log_tally(self, stage: str) -> None:
+        evaluator = self._evaluators.pop(stage, None)
+        if evaluator is not None:
+            evaluator.log_epoch(self)
 
     # ----- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -247,3 +304,16 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def check_rollout_datamodule(module: L.LightningModule, datamodule: L.LightningDataModule | None) -> None:
+    """A method trains on the student's own rollouts: refuse, in one line, a DataModule that hands it
+    anything else (its batches would otherwise fail deep inside the teacher)."""
+    if datamodule is None or isinstance(datamodule, RolloutDataModule):
+        return
+    raise UserError(
+        f"{type(datamodule).__name__} is a plain LightningDataModule, but {type(module).__name__} needs a "
+        "lit_opd.RolloutDataModule: it samples completions with the current student before every step. Hand "
+        "your prompts to one as a source, e.g. RolloutDataModule(ListPrompts(rows), batch_size=...) or "
+        "JsonlPrompts(path) (CLI: data.class_path: lit_opd.RolloutDataModule)."
+    )

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_opd import checkpoints
+from lit_opd.errors import SettingError
 from lit_opd.methods.base import PolicyModule, default_optimizer
 from lit_opd.models import ModelSpec, freeze, load_causal_lm
 from lit_opd.objectives.components import Objective
@@ -83,6 +84,10 @@ class TaughtModule(PolicyModule):
     def on_test_start(self) -> None:
         self._place_frozen()
 
+    def log_rollout(self, batch: RolloutBatch, metrics: dict) -> None:
+        super().log_rollout(batch, metrics)
+        self.log_teacher_stats(batch)
+
     def log_teacher_stats(self, batch: RolloutBatch) -> None:
         """The teacher's running request counters (remote teachers), as ``teacher/<key>``."""
         stats = self.teacher.stats()
@@ -110,7 +115,7 @@ class TaughtModule(PolicyModule):
         self.teacher.restore_stats(info.get("teacher_stats", {}))
         saved, current = info.get("teacher"), self.teacher.identity()
         if saved is not None and saved != current and not self.allow_teacher_change:
-            raise ValueError(self.teacher_change_message(saved, current))
+            raise SettingError(self.teacher_change_message(saved, current))
 
     def teacher_change_message(self, saved: dict, current: dict) -> str:
         """The error for a resume whose teacher identity differs from the checkpoint's."""

@@ -25,6 +25,7 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
+from lit_opd.errors import SettingError
 from lit_opd.objectives import divergences as D
 from lit_opd.objectives import sampled as O
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
@@ -124,14 +125,14 @@ class Divergence(Objective):
         reduction: Literal["token_mean", "seq_mean", "sum"] = "token_mean",
     ) -> None:
         if kind not in D.KINDS:
-            raise ValueError(f"Divergence.kind={kind!r}: use one of {list(D.KINDS)}")
+            raise SettingError(f"Divergence.kind={kind!r}: use one of {list(D.KINDS)}")
         for name, value in (("beta", beta), ("alpha", alpha)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"Divergence.{name}={value} must be in [0, 1]")
+                raise SettingError(f"Divergence.{name}={value} must be in [0, 1]")
         if temperature <= 0:
-            raise ValueError(f"Divergence.temperature={temperature} must be > 0")
+            raise SettingError(f"Divergence.temperature={temperature} must be > 0")
         if top_k is not None and top_k < 1:
-            raise ValueError(f"Divergence.top_k={top_k} must be >= 1 or null (full vocabulary)")
+            raise SettingError(f"Divergence.top_k={top_k} must be >= 1 or null (full vocabulary)")
         _check_common("Divergence", chunk_size, reduction)
         self.kind, self.beta, self.alpha, self.temperature = kind, beta, alpha, temperature
         self.top_k, self.chunk_size, self.reduction = top_k, chunk_size, reduction
@@ -160,14 +161,14 @@ class Divergence(Objective):
         if topk_logp_BTK is None:  # a full-logit teacher: take its top-k here
             teacher_logp_BTV = (teacher_out.logits_BTV.float() / self.temperature).log_softmax(-1)
             if self.top_k > teacher_logp_BTV.shape[-1]:
-                raise ValueError(
+                raise SettingError(
                     f"Divergence.top_k={self.top_k} is above the teacher's vocabulary "
                     f"({teacher_logp_BTV.shape[-1]} ids); lower it or set top_k: null (the full distribution)"
                 )
             topk_logp_BTK, topk_ids_BTK = teacher_logp_BTV.topk(self.top_k, dim=-1)
         elif topk_logp_BTK.shape[-1] != self.top_k:  # a top-k teacher (e.g. a server) sorted descending
             if topk_logp_BTK.shape[-1] < self.top_k:
-                raise ValueError(
+                raise SettingError(
                     f"Divergence.top_k={self.top_k} but the teacher returned only {topk_logp_BTK.shape[-1]} "
                     "log-probs per position; lower top_k or raise the teacher's k (e.g. ServerTeacher.k)"
                 )
@@ -212,9 +213,9 @@ class SampledReward(Objective):
         is_cap: float | None = None,
     ) -> None:
         if is_cap is not None and is_cap <= 0:
-            raise ValueError(f"SampledReward.is_cap={is_cap} must be > 0 (or null for no cap)")
+            raise SettingError(f"SampledReward.is_cap={is_cap} must be > 0 (or null for no cap)")
         if estimator not in ("importance_sampling", "ppo"):
-            raise ValueError(f"SampledReward.estimator={estimator!r}: use 'importance_sampling' or 'ppo'")
+            raise SettingError(f"SampledReward.estimator={estimator!r}: use 'importance_sampling' or 'ppo'")
         _check_common("SampledReward", chunk_size, reduction)
         self.estimator, self.kl_coef, self.lambda_ = estimator, kl_coef, lambda_
         self.clip_eps_low, self.clip_eps_high, self.dual_clip = clip_eps_low, clip_eps_high, dual_clip
@@ -253,6 +254,6 @@ class SampledReward(Objective):
 
 def _check_common(owner: str, chunk_size: int | None, reduction: str) -> None:
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"{owner}.chunk_size={chunk_size} must be >= 1 or null")
+        raise SettingError(f"{owner}.chunk_size={chunk_size} must be >= 1 or null")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"{owner}.reduction={reduction!r}: use one of {list(REDUCTIONS)}")
+        raise SettingError(f"{owner}.reduction={reduction!r}: use one of {list(REDUCTIONS)}")

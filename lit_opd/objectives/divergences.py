@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lit_opd.errors import SettingError
+
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 REDUCTIONS = ("token_mean", "seq_mean", "sum")
 MIN_LOGP = -1e4  # exp(MIN_LOGP) == 0 in every float dtype; stands in for a server's −inf log-prob
@@ -52,7 +54,7 @@ def _kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
 def _log_mix(a_logp: Tensor, b_logp: Tensor, w: float) -> Tensor:
     """log(w·A + (1−w)·B), computed in log space (logaddexp); w=0 / w=1 return B / A exactly."""
     if not 0.0 <= w <= 1.0:
-        raise ValueError(f"mixture weight must be in [0, 1], got {w}")
+        raise SettingError(f"mixture weight must be in [0, 1], got {w}")
     if w == 0.0:
         return b_logp
     if w == 1.0:
@@ -76,7 +78,7 @@ def jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float) -> Tensor:
     β=0 is forward KL(T‖S) and β=1 is reverse KL(S‖T) (special-cased: the mixture form would give 0).
     """
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+        raise SettingError(f"beta must be in [0, 1], got {beta}")
     if beta == 0.0:
         return forward_kl(student_logp, teacher_logp)
     if beta == 1.0:
@@ -118,7 +120,7 @@ def per_token_divergence(
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        raise SettingError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(KINDS)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,11 +133,11 @@ def reduce_masked(values_BT: Tensor, mask_BT: Tensor | None = None, reduction: s
     sum = Σ_{valid} v. Masked positions never leak NaN/inf (they are selected out with ``where``).
     """
     if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; valid reductions: {', '.join(REDUCTIONS)}")
+        raise SettingError(f"unknown reduction {reduction!r}; valid reductions: {', '.join(REDUCTIONS)}")
     if mask_BT is None:
         mask_BT = torch.ones_like(values_BT, dtype=torch.bool)
     if mask_BT.shape != values_BT.shape:
-        raise ValueError(f"mask shape {tuple(mask_BT.shape)} != values shape {tuple(values_BT.shape)}")
+        raise SettingError(f"mask shape {tuple(mask_BT.shape)} != values shape {tuple(values_BT.shape)}")
     valid_BT = mask_BT.bool()
     masked_BT = torch.where(valid_BT, values_BT, values_BT.new_zeros(()))
     if reduction == "sum":
@@ -169,7 +171,7 @@ def common_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor
     if student_logits.shape == teacher_logits.shape:
         return student_logits, teacher_logits
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(
+        raise SettingError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in more than the vocabulary dim"
         )
@@ -244,7 +246,7 @@ def logits_divergence(
     _check_kind(kind)
     student_logits, teacher_logits = common_vocab(student_logits, teacher_logits)
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise SettingError(f"temperature must be > 0, got {temperature}")
     if chunk_size is None:
         values_BT = rows_divergence(student_logits, teacher_logits, kind, beta, alpha, temperature)
         return reduce_masked(values_BT, mask, reduction)
@@ -266,7 +268,7 @@ def _chunked_divergence(
 ) -> Tensor:
     """Select valid rows (N,V), compute them in checkpointed chunks, scatter back to (B,T), reduce."""
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise SettingError(f"chunk_size must be >= 1, got {chunk_size}")
     B, T, V = student_logits_BTV.shape
     if mask_BT is None:
         mask_BT = torch.ones(B, T, dtype=torch.bool, device=student_logits_BTV.device)

@@ -8,7 +8,8 @@ dL/dh and dL/dW right away (a fused linear + divergence, as Liger fuses linear +
 at most one chunk of [chunk, V] logits per model exists at any moment and nothing is recomputed.
 
 Applies to models whose logits are exactly ``lm_head(hidden)`` (Llama, Qwen, Mistral, GPT-2 …);
-models with logit soft-capping or scaling fall back to the logits path (``plain_head`` says which).
+models with logit soft-capping or scaling fall back to the logits path (``lit_opd.models.plain_head``
+says which).
 """
 
 from __future__ import annotations
@@ -16,41 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from lit_opd.errors import SettingError
 from lit_opd.objectives import divergences as D
-from lit_opd.models import is_dtensor
-from lit_opd.types import RolloutBatch
-
-# Config attributes that make logits differ from lm_head(hidden).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def plain_head(model: nn.Module) -> bool:
-    """True when ``model``'s logits are its output layer applied to its decoder's last hidden state."""
-    config = getattr(model, "config", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if config is None or not isinstance(head, nn.Linear) or not hasattr(model, "get_decoder"):
-        return False
-    if not head.weight.dtype.is_floating_point or head.weight.dim() != 2:  # e.g. a packed 4-bit head
-        return False
-    if is_dtensor(head.weight):  # FSDP2 shards it outside forward: use the logits path
-        return False
-    return all(getattr(config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
-
-
-def completion_hidden(model: nn.Module, batch: RolloutBatch) -> Tensor:
-    """Last hidden states at the positions that predict each completion token: (B, T, H)."""
-    T = batch.completion_ids_BT.shape[1]
-    out = model.get_decoder()(
-        input_ids=batch.input_ids_BL,
-        attention_mask=batch.attention_mask_BL,
-        position_ids=batch.position_ids_BL,
-        use_cache=False,
-    )
-    return out.last_hidden_state[:, -T - 1 : -1, :]
-
 
 @dataclass
 class LeanTerms:
@@ -174,7 +145,7 @@ def hidden_divergence(
     returns ``student_logp_BT`` with gradient, for sampled-token objectives.
     """
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise SettingError(f"chunk_size must be >= 1, got {chunk_size}")
     B, T, H = student_hidden_BTH.shape
     idx_N = mask_BT.bool().reshape(-1).nonzero().squeeze(-1)
     s_h_NH = student_hidden_BTH.reshape(B * T, H).index_select(0, idx_N)

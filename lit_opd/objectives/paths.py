@@ -15,10 +15,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lit_opd.models import completion_logits
+from lit_opd.errors import SettingError
+from lit_opd.models import completion_hidden, completion_logits, plain_head
 from lit_opd.objectives import divergences as D
 from lit_opd.objectives.components import Objective, TokenTerms
-from lit_opd.objectives.lean import completion_hidden, hidden_divergence, plain_head
+from lit_opd.objectives.lean import hidden_divergence
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch, TeacherOutput
 
@@ -69,7 +70,7 @@ def teacher_token_logp(batch: RolloutBatch, out: TeacherOutput) -> torch.Tensor:
     if out.token_logp_BT is not None:
         return out.token_logp_BT
     if out.topk_logp_BTK is not None and out.logits_BTV is None:
-        raise ValueError(
+        raise SettingError(
             "this objective needs the teacher's log-prob of every sampled token, but the teacher returned "
             "only its top-k; use a teacher that also returns token_logp_BT (or full logits)"
         )

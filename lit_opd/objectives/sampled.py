@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lit_opd.errors import SettingError
 from lit_opd.objectives.divergences import reduce_masked
 
 _LOG_RATIO_CLAMP = 20.0
@@ -102,7 +103,7 @@ def ppo_clip_loss(
     dual_active_BT = torch.zeros_like(clipped_BT, dtype=torch.bool)
     if dual_clip is not None:
         if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+            raise SettingError(f"dual_clip must be > 1, got {dual_clip}")
         l3_BT = -adv_BT * dual_clip
         dual_active_BT = (adv_BT < 0) & (clipped_BT > l3_BT)
         loss_BT = torch.where(adv_BT < 0, torch.minimum(clipped_BT, l3_BT), clipped_BT)

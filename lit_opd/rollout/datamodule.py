@@ -3,7 +3,7 @@
 The DataLoader yields :class:`PromptBatch` es; once Lightning has moved one to the device,
 :meth:`RolloutDataModule.on_after_batch_transfer` completes it with the *current* student
 (``trainer.lightning_module.policy``) and hands a :class:`RolloutBatch` to the method. Validation
-batches are decoded greedily and graded by the source's verifier.
+and test batches are decoded as ``evaluation`` says (greedy by default) and graded by the verifier.
 
 Shared by every method; a method chooses where completions come from per step through
 ``completion_source()`` (student, teacher or dataset) — GKD's on/off-policy mix. The student's
@@ -22,9 +22,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lit_opd.rollout.distributed import generation_context, is_sharded, ranks_agree
+from lit_opd.errors import SettingError
+from lit_opd.rollout.distributed import generation_context, ranks_agree
 from lit_opd.rollout.engines import BuiltinEngine, RolloutEngine
-from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts, decode_completions, eos_ids
+from lit_opd.rollout.evaluation import Evaluation, greedy_accuracy
+from lit_opd.rollout.prompts import (
+    PromptConsumer, PromptTokenizer, collate_prompts, dataset_completions, decode_completions, eos_ids,
+)
 from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler, row_groups
 from lit_opd.rollout.sampling import SampleOutput
 from lit_opd.rollout.settings import (
@@ -37,6 +41,7 @@ from lit_opd.rollout.settings import (
 )
 from lit_opd.rollout.settings import step_seed as step_seed  # re-exported: turns and methods import it here
 from lit_opd.rollout.sources import PromptSource
+from lit_opd.rollout.verifiers import Verifier, check_verifier, checked_score
 from lit_opd.types import PromptBatch, RolloutBatch, SamplingParams
 
 RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
@@ -54,7 +59,12 @@ class RolloutDataModule(L.LightningDataModule):
         batch_size: prompts per training step and device (rows = ``batch_size × num_samples``).
         val_batch_size: prompts per validation step (None = ``batch_size``).
         sampling: how training completions are drawn.
-        val_max_new_tokens: completion limit for greedy validation (defaults to sampling's).
+        val_max_new_tokens: completion limit for validation and test (defaults to sampling's).
+        evaluation: how validation and test decode and score (:class:`Evaluation`: greedy or sampled,
+            ``num_samples``, ``pass_k``, the per-domain breakdown, ``log_completions``); greedy
+            accuracy by default.
+        test_source: prompts with answers for ``trainer.test``; when None, test uses the validation
+            rows.
         max_prompt_tokens: longest prompt allowed, in tokens. With the attached student, the longest
             prompt plus ``max_new_tokens`` must also fit its ``max_position_embeddings`` (checked at setup).
         over_long_prompts: what to do with a longer one: "error" (naming the row), "truncate"
@@ -68,6 +78,14 @@ class RolloutDataModule(L.LightningDataModule):
             order (the turns of one trajectory, ``TurnPrompts``' ``group_id``): groups are shuffled
             and dealt whole to ranks (:class:`GroupedPromptSampler`), and a validation split takes
             whole groups. None = rows shuffled one by one.
+        chat_template: a Jinja chat template, or the path of a file holding one (``.jinja``, or a JSON
+            file with a ``chat_template`` key), used instead of the tokenizer's own for every prompt.
+        chat_template_kwargs: extra variables for the chat template, e.g. ``{enable_thinking: false}``
+            for Qwen3.
+        verifier: grades validation completions (``lit_opd.rollout.verifiers``: ``ExactMatch``,
+            ``RegexMatch``, ``MathVerify``; from Python, any callable ``(completion, answer, row) ->
+            float`` in [0, 1]). None = the prompt source's own ``verify`` (a task's checker, else
+            exact match).
     """
 
     def __init__(
@@ -87,29 +105,38 @@ class RolloutDataModule(L.LightningDataModule):
         num_workers: int = 0,
         tokenizer: str | None = None,
         group_field: str | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
+        verifier: Verifier | None = None,
         engine: RolloutEngine | None = None,
+        evaluation: Evaluation = Evaluation(),
+        test_source: PromptSource | None = None,
     ) -> None:
         super().__init__()
         for name, size in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
             if size is not None and size < 1:
-                raise ValueError(f"RolloutDataModule.{name} must be >= 1, got {size}")
+                raise SettingError(f"RolloutDataModule.{name} must be >= 1, got {size}")
         check_val_size(val_size)
         self.source, self.val_source, self.val_size = source, val_source, val_size
         self.batch_size = batch_size
         self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.sampling = sampling
-        self.val_sampling = SamplingParams(
-            max_new_tokens=val_max_new_tokens or sampling.max_new_tokens, greedy=True
-        )
+        self.evaluation, self.test_source = evaluation, test_source
+        self.val_sampling = evaluation.sampling_params(val_max_new_tokens or sampling.max_new_tokens)
         self.prompt_settings = dict(
             max_prompt_tokens=max_prompt_tokens,
             over_long=over_long_prompts,
             use_chat_template=use_chat_template,
             system_prompt=system_prompt,
+            chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
         )
+        check_verifier(verifier)
+        self.verifier = verifier
         self.seed, self.num_workers, self.tokenizer_path = seed, num_workers, tokenizer
         self.group_field = group_field
         self.engine = engine if engine is not None else BuiltinEngine()
+        self.test_rows: list[dict] = []
         self._weight_edits = 0  # weight changes outside optimizer steps (EffOPD, a checkpoint load)
         self.tokenizer = None
         self.train_rows: list[dict] = []
@@ -124,6 +151,10 @@ class RolloutDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = self._resolve_tokenizer()
         encode = PromptTokenizer(self.tokenizer, **self.prompt_settings)
+        if encode.template is not None:
+            # The override becomes the tokenizer's own, so every rendering (multi-turn tool replies,
+            # MAD-OPD's debate), the checkpoint's tokenizer files and an export chat as the run was trained.
+            self.tokenizer.chat_template = encode.template
         rows = self.source.load()
         train, val = list(range(len(rows))), []
         if self.val_source is None and self.val_size > 0:
@@ -137,6 +168,11 @@ class RolloutDataModule(L.LightningDataModule):
             val = list(range(len(rows)))
         val_names = [val_source.row_name(i, "validation") for i in val]
         self.val_rows = encode.rows([rows[i] for i in val], "validation", val_names) if val else []
+        self.test_rows = self.val_rows
+        if self.test_source is not None:
+            test_rows = self.test_source.load()
+            test_names = [self.test_source.row_name(i, "test") for i in range(len(test_rows))]
+            self.test_rows = encode.rows(test_rows, "test", test_names)
         trainer = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer else None
         if module is not None:
@@ -144,11 +180,11 @@ class RolloutDataModule(L.LightningDataModule):
             new, val_new = self.sampling.max_new_tokens, self.val_sampling.max_new_tokens
             check_positions(self.train_rows, names, limit, new, "sampling.max_new_tokens")
             check_positions(self.val_rows, val_names, limit, val_new, "val_max_new_tokens")
-            from lit_opd.methods.base import PolicyModule  # here: lit_opd.methods imports this package
-
+            if self.test_source is not None:
+                check_positions(self.test_rows, test_names, limit, val_new, "val_max_new_tokens")
             # The one hand-over of encoded prompts to the method (e.g. ListOPD calibrates on them);
             # other LightningModules attached to this datamodule know nothing of it.
-            if isinstance(module, PolicyModule):
+            if isinstance(module, PromptConsumer):
                 module.connect_prompts(encode, self.train_rows, self.val_rows)
 
     def _split_validation(self, rows: list[dict]) -> tuple[list[int], list[int]]:
@@ -167,7 +203,7 @@ class RolloutDataModule(L.LightningDataModule):
         if module_tok is not None:
             return module_tok
         if self.tokenizer_path is None:
-            raise ValueError(
+            raise SettingError(
                 "RolloutDataModule has no tokenizer: attach it to a method with a `tokenizer` "
                 "(trainer.fit(module, datamodule)) or pass `tokenizer=` a path"
             )
@@ -181,7 +217,7 @@ class RolloutDataModule(L.LightningDataModule):
                 f" ({self._skipped} of {self._skipped + len(self.train_rows)} were skipped as longer than "
                 f"max_prompt_tokens={self.prompt_settings['max_prompt_tokens']}, over_long_prompts='skip')"
             )
-            raise ValueError(
+            raise SettingError(
                 f"RolloutDataModule has {len(self.train_rows)} training prompts{skipped or ''}, fewer than "
                 f"batch_size={self.batch_size}; lower batch_size, raise max_prompt_tokens or add prompts"
             )
@@ -209,7 +245,10 @@ class RolloutDataModule(L.LightningDataModule):
         return self._loader(self.val_rows, self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
+        """``test_source``'s prompts, or the validation prompts when it is None."""
+        if not self.test_rows:
+            return []
+        return self._loader(self.test_rows, self.val_batch_size)
 
     def _loader(self, rows: list[dict], batch_size: int, **kwargs) -> DataLoader:  # noqa: ANN003
         pad_id = self.tokenizer.pad_token_id
@@ -325,11 +364,16 @@ class RolloutDataModule(L.LightningDataModule):
         return self.prompt_settings["max_prompt_tokens"] + longest_completion
 
     def grade(self, rollout: RolloutBatch) -> torch.Tensor:
-        """1.0 where the verifier accepts the decoded completion, else 0.0: (B,)."""
-        source = self.val_source or self.source
+        """Each decoded completion's score in [0, 1] from ``verifier`` (1.0 / 0.0 from a source's
+        ``verify``): (B,) floats."""
+        trainer = getattr(self, "trainer", None)
+        testing = trainer is not None and trainer.testing and self.test_source is not None
+        source = self.test_source if testing else self.val_source or self.source
+        verifier = self.verifier or (lambda text, answer, row: float(source.verify(text, answer)))
         texts = self.decode(rollout)
-        correct = [float(source.verify(t, a)) for t, a in zip(texts, rollout.answers)]
-        return torch.tensor(correct, device=rollout.completion_ids_BT.device)
+        rows = rollout.rows or [{}] * len(texts)
+        scores = [checked_score(verifier, t, a, row) for t, a, row in zip(texts, rollout.answers, rows)]
+        return torch.tensor(scores, dtype=torch.float, device=rollout.completion_ids_BT.device)
 
     @torch.no_grad()
     def evaluate(self, module: L.LightningModule) -> dict[str, float]:
@@ -338,23 +382,23 @@ class RolloutDataModule(L.LightningDataModule):
         rank decodes every world_size-th prompt and the counts are summed; a sharded student needs
         every rank in every forward, so there each rank decodes all. Greedy decoding is
         deterministic, so every rank returns the same value. Also returns ``num_prompts`` and
-        ``decoded_here`` (the prompts this rank decoded)."""
-        if not self.val_rows:
-            raise ValueError("evaluate() needs validation prompts: set val_source or val_size > 0")
-        trainer = getattr(self, "trainer", None)
-        split = trainer is not None and trainer.world_size > 1 and not is_sharded(trainer)
-        rows = self.val_rows[trainer.global_rank :: trainer.world_size] if split else self.val_rows
-        correct, count = self.greedy_correct(rows, module)
-        if split:
-            totals = torch.tensor([correct, count], dtype=torch.float64, device=module.device)
-            correct, count = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
-        return {"accuracy": correct / count, "num_prompts": int(count), "decoded_here": len(rows)}
+        ``decoded_here`` (the prompts this rank decoded). Greedy whatever ``evaluation`` says."""
+        return greedy_accuracy(self, module)
 
     def greedy_correct(self, rows: list[dict], module: L.LightningModule) -> tuple[float, int]:
-        """(prompts the verifier accepts, prompts) for greedy completions of ``rows`` by the student."""
-        correct = 0.0
-        for batch in self._loader(rows, self.val_batch_size):
-            correct += float(self.grade(self.rollout(batch.to(module.device), module, "greedy", step=0)).sum())
+        """(prompts the verifier accepts, prompts) for greedy completions of ``rows`` by the student:
+        greedy whatever ``evaluation`` says, so callbacks compare deterministic numbers."""
+        params = SamplingParams(max_new_tokens=self.val_sampling.max_new_tokens, greedy=True)
+        policy, correct = module.policy, 0.0
+        was_training = policy.training
+        policy.eval()
+        try:
+            with generation_context(getattr(self, "trainer", None)):
+                for batch in self._loader(rows, self.val_batch_size):
+                    rollout = self.complete(policy, batch.to(module.device), params, seed=0, source="greedy")
+                    correct += float(self.grade(rollout).sum())
+        finally:
+            policy.train(was_training)
         return correct, len(rows)
 
     def decode(self, rollout: RolloutBatch) -> list[str]:
@@ -367,32 +411,3 @@ class RolloutDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self._epoch_position = {"epoch": state_dict["epoch"], "batches_done": state_dict["batches_done"]}
         self.weights_changed()  # the student was restored from the checkpoint
-
-
-def dataset_completions(batch: PromptBatch, pad_id: int) -> RolloutBatch:
-    """Reference answers as completions (GKD's supervised branch, SFT)."""
-    if any(not ids for ids in batch.answer_ids):
-        missing = [int(i) for i, ids in zip(batch.row_index_B, batch.answer_ids) if not ids]
-        raise ValueError(
-            f"Prompt rows {missing[:5]} have no 'answer', but this step needs dataset completions "
-            "(lmbda < 1 or SFT); add answers or set lmbda=1"
-        )
-    T = max(len(ids) for ids in batch.answer_ids)
-    device = batch.prompt_ids_BP.device
-    ids_BT = torch.full((len(batch.answer_ids), T), pad_id, dtype=torch.long, device=device)
-    mask_BT = torch.zeros_like(ids_BT, dtype=torch.bool)
-    for i, ids in enumerate(batch.answer_ids):
-        ids_BT[i, : len(ids)] = torch.tensor(ids, device=device)
-        mask_BT[i, : len(ids)] = True
-    return RolloutBatch(
-        prompt_ids_BP=batch.prompt_ids_BP,
-        prompt_mask_BP=batch.prompt_mask_BP,
-        completion_ids_BT=ids_BT,
-        completion_mask_BT=mask_BT,
-        sampler_logp_BT=None,
-        answers=list(batch.answers),
-        row_index_B=batch.row_index_B,
-        source="dataset",
-        truncated_B=torch.zeros(len(batch.answer_ids), dtype=torch.bool, device=device),
-        rows=list(batch.rows),
-    )

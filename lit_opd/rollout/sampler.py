@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DistributedSampler
 
+from lit_opd.errors import SettingError
+
 
 class ResumablePromptSampler(DistributedSampler):
     """Shuffles with ``seed + epoch``, gives rank r every world-size-th index, and on resume skips
@@ -61,7 +63,7 @@ class GroupedPromptSampler(ResumablePromptSampler):
         resume_skip: int = 0,
     ) -> None:
         if not all(groups) or len(groups) < num_replicas:
-            raise ValueError(f"GroupedPromptSampler deals whole groups to {num_replicas} rank(s) but got "
+            raise SettingError(f"GroupedPromptSampler deals whole groups to {num_replicas} rank(s) but got "
                              f"{len(groups)} group(s) (empty ones included); add trajectories or use fewer "
                              "devices")
         num_rows = sum(len(g) for g in groups)
@@ -97,7 +99,7 @@ def row_groups(records: list[dict], group_field: str, split: str) -> list[list[i
     for index, record in enumerate(records):
         row = record["row"]
         if group_field not in row:
-            raise ValueError(f"RolloutDataModule.group_field={group_field!r}: {split} row {index} has no "
+            raise SettingError(f"RolloutDataModule.group_field={group_field!r}: {split} row {index} has no "
                              f"{group_field!r} field; give every row one (TurnPrompts does) or set "
                              "group_field: null")
         groups.setdefault(row[group_field], []).append(index)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lit_opd.errors import NonFiniteError
+from lit_opd.errors import NonFiniteError, SettingError
 from lit_opd.rollout import lean_step
 from lit_opd.rollout.lean_step import LeanDecoder
 from lit_opd.types import SamplingParams
@@ -114,7 +114,7 @@ def lean_decoder(
     ok = lean_step.supported(model, total_len) and hasattr(cache, "layers")
     if not ok:
         if decode_step == "lean":
-            raise ValueError(
+            raise SettingError(
                 f"SamplingParams.decode_step='lean' does not support {type(model).__name__} here (supported: plain "
                 f"Linear {', '.join(lean_step.LAYOUTS)} layouts); use decode_step 'auto' or 'hf'"
             )

@@ -8,6 +8,8 @@ import numbers
 import torch
 from torch import nn
 
+from lit_opd.errors import SettingError
+
 # torch.Generator.manual_seed takes [-2**63, 2**64) and reads a negative seed modulo 2**64.
 GENERATOR_SEEDS = (-(2**63), 2**64)
 
@@ -43,7 +45,7 @@ def check_val_size(val_size: object) -> None:
     count = isinstance(val_size, numbers.Integral) and not isinstance(val_size, bool) and val_size >= 0
     fraction = isinstance(val_size, float) and 0.0 <= val_size < 1.0
     if not (count or fraction):
-        raise ValueError(
+        raise SettingError(
             f"RolloutDataModule.val_size={val_size!r} is neither a fraction below 1 (e.g. 0.1) nor a whole "
             "number of rows written without a decimal point (e.g. 10); use one of those "
             "(0 disables validation)"
@@ -57,7 +59,7 @@ def split_validation(
     of them, at least 1) drawn with ``seed``, each group whole on one side."""
     n_val = int(val_size) if isinstance(val_size, numbers.Integral) else max(1, round(len(groups) * val_size))
     if n_val >= len(groups):
-        raise ValueError(
+        raise SettingError(
             f"RolloutDataModule.val_size={val_size} leaves no training {unit} out of {len(groups)}; "
             "lower val_size or pass val_source"
         )
@@ -82,9 +84,9 @@ def check_positions(records: list[dict], names: list[str], limit: int | None, ma
     if n + max_new_tokens <= limit:
         return
     if max_new_tokens >= limit:
-        raise ValueError(f"{setting}={max_new_tokens} leaves no room for a prompt within the student's "
+        raise SettingError(f"{setting}={max_new_tokens} leaves no room for a prompt within the student's "
                          f"max_position_embeddings={limit}; lower {setting}")
-    raise ValueError(
+    raise SettingError(
         f"{names[longest['row_index']]} has a {n}-token prompt: with {setting}={max_new_tokens} it needs "
         f"{n + max_new_tokens} positions, more than the student's max_position_embeddings={limit}; set "
         f"max_prompt_tokens to at most {limit - max_new_tokens} (with over_long_prompts 'truncate' or "

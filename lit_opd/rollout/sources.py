@@ -1,7 +1,11 @@
-"""Where prompts come from: a JSONL file, a Python list, or a built-in task.
+"""Where prompts come from: a JSONL file, a Python list, or a built-in task (a Hugging Face
+``datasets`` data set: :mod:`lit_opd.rollout.hf_datasets`).
 
 Each source yields rows ``{"prompt": str}`` or ``{"messages": [...]}``, with an optional
-``"answer"``, and knows how to verify a completion against that answer.
+``"answer"``, and knows how to verify a completion against that answer. Rows in the conversational
+format (``messages`` ending with the assistant's turn) and TRL's prompt-completion format
+(``{"prompt": ..., "completion": ...}``) carry their reference answer in that turn:
+:func:`split_reference` takes it out of the prompt.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import codecs
 import json
 from pathlib import Path
 
+from lit_opd.errors import MissingFile, SettingError, UnusablePath
+from lit_opd.rollout.verifiers import ExactMatch
 from lit_opd.tasks.base import Task
 
 
@@ -22,8 +28,9 @@ class PromptSource(abc.ABC):
         """All rows, in a fixed order."""
 
     def verify(self, completion: str, answer: str | None) -> bool:
-        """Exact match after stripping whitespace; tasks override this."""
-        return answer is not None and completion.strip() == answer.strip()
+        """Exact match after stripping whitespace; tasks override this (and the datamodule's
+        ``verifier`` setting replaces it)."""
+        return bool(ExactMatch()(completion, answer, {}))
 
     def location(self, index: int) -> str | None:
         """Where row ``index`` of the last :meth:`load` comes from (e.g. ``prompts.jsonl:12``), for
@@ -37,24 +44,74 @@ class PromptSource(abc.ABC):
 
 
 def check_row(row: dict, where: str) -> dict:
-    """A row needs a string ``prompt`` or a list ``messages``; say which row is wrong and why."""
+    """A row needs a string ``prompt`` or a list ``messages`` (TRL's conversational prompt, a list
+    ``prompt``, counts as messages); say which row is wrong and why."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with 'prompt' or 'messages', got {type(row).__name__}")
+        raise SettingError(f"{where}: expected an object with 'prompt' or 'messages', got {type(row).__name__}")
     if isinstance(row.get("prompt"), str):
+        pass
+    elif isinstance(row.get("prompt"), list) and row["prompt"] and "messages" not in row:
         pass
     elif isinstance(row.get("messages"), list) and row["messages"]:
         pass
     else:
-        raise ValueError(
+        raise SettingError(
             f"{where}: a row needs a string 'prompt' or a non-empty list 'messages'; got keys {sorted(row)}"
         )
     if row.get("answer") is not None and not isinstance(row["answer"], str):
-        raise ValueError(f"{where}: 'answer' must be a string, got {type(row['answer']).__name__}")
+        raise SettingError(f"{where}: 'answer' must be a string, got {type(row['answer']).__name__}")
     return row
 
 
+def split_reference(row: dict, where: str) -> tuple[dict, str | None]:
+    """(the row as a prompt, its reference completion: SFT's and GKD's off-policy target).
+
+    A conversational row's ``messages`` that end with an assistant turn, or TRL's prompt-completion
+    row (``prompt`` a string or messages, ``completion`` a string or one assistant message), hold the
+    reference in that turn: it leaves the prompt, and becomes the row's ``answer`` unless the row has
+    one. A row with both keeps its ``answer`` for the verifier (e.g. a final number) while the
+    assistant turn stays the training target. Other rows: the reference is their ``answer``."""
+    if "completion" in row:
+        prompt = row.get("prompt")
+        rest = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+        if prompt is not None:  # else the row's own messages are the prompt
+            rest.update({"messages": prompt} if isinstance(prompt, list) else {"prompt": prompt})
+        return _with_reference(rest, _reply_text(row["completion"], where, "'completion'"))
+    messages = row.get("messages")
+    if isinstance(row.get("prompt"), list) and messages is None:  # TRL's conversational prompt-only row
+        rest = {k: v for k, v in row.items() if k != "prompt"}
+        return split_reference({**rest, "messages": row["prompt"]}, where)
+    if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+            and messages[-1].get("role") == "assistant"):
+        return row, row.get("answer")
+    if len(messages) == 1:
+        raise SettingError(f"{where}: 'messages' holds only an assistant turn, so there is no prompt; add the "
+                         "user's turn before it")
+    reply = _reply_text(messages[-1], where, "the final assistant turn")
+    return _with_reference({**row, "messages": messages[:-1]}, reply)
+
+
+def _with_reference(row: dict, reply: str) -> tuple[dict, str]:
+    if row.get("answer") is None:
+        row["answer"] = reply
+    return row, reply
+
+
+def _reply_text(reply: object, where: str, what: str) -> str:
+    """The text of a reference reply: a string, an assistant message, or a list of one."""
+    if isinstance(reply, list) and len(reply) == 1:
+        reply = reply[0]
+    if isinstance(reply, dict):
+        reply = reply.get("content")
+    if not isinstance(reply, str) or not reply.strip():
+        raise SettingError(f"{where}: {what} must be a non-empty text (the reference answer); "
+                         f"got {reply!r:.80}")
+    return reply
+
+
 class JsonlPrompts(PromptSource):
-    """One JSON object per line: ``{"prompt": ...}`` or ``{"messages": [...]}``, optional ``"answer"``."""
+    """One JSON object per line: ``{"prompt": ...}`` or ``{"messages": [...]}``, optional ``"answer"``;
+    conversational rows may end with the assistant's reference turn (:func:`split_reference`)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -67,11 +124,11 @@ class JsonlPrompts(PromptSource):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path}:{lineno}: not valid JSON ({err.msg})") from err
+                raise SettingError(f"{self.path}:{lineno}: not valid JSON ({err.msg})") from err
             rows.append(check_row(row, f"{self.path}:{lineno}"))
             self._lines.append(lineno)
         if not rows:
-            raise ValueError(
+            raise SettingError(
                 f"JsonlPrompts.path={self.path!r} holds no rows; write one JSON object per line, e.g. "
                 '{"prompt": "2+2=", "answer": "4"}'
             )
@@ -87,24 +144,24 @@ def read_lines(path: str, setting: str) -> list[tuple[int, str]]:
     missing, a directory, unreadable or in another encoding is refused in one line naming ``setting``."""
     file = Path(path)
     if file.is_dir():
-        raise IsADirectoryError(f"{setting}={path!r} is a directory, not a file; point it at a .jsonl file")
+        raise UnusablePath(f"{setting}={path!r} is a directory, not a file; point it at a .jsonl file")
     if not file.exists():
-        raise FileNotFoundError(f"{setting}={path!r} does not exist; point it at a .jsonl file")
+        raise MissingFile(f"{setting}={path!r} does not exist; point it at a .jsonl file")
     try:
         data = file.read_bytes()
     except PermissionError as err:
-        raise PermissionError(f"{setting}={path!r} cannot be read: permission denied; make it readable "
+        raise UnusablePath(f"{setting}={path!r} cannot be read: permission denied; make it readable "
                               "(e.g. chmod a+r) or point at a copy you can read") from err
     except OSError as err:
-        raise OSError(f"{setting}={path!r} cannot be read: {err.strerror or err}") from err
+        raise UnusablePath(f"{setting}={path!r} cannot be read: {err.strerror or err}") from err
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in data:
-        raise ValueError(f"{setting}={path!r} is UTF-16 text (or binary), not UTF-8; save it as UTF-8 "
+        raise SettingError(f"{setting}={path!r} is UTF-16 text (or binary), not UTF-8; save it as UTF-8 "
                          "(e.g. iconv -f UTF-16 -t UTF-8)")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         lineno = data[: err.start].count(b"\n") + 1
-        raise ValueError(
+        raise SettingError(
             f"{setting}={path!r} is not UTF-8 text: line {lineno} holds byte 0x{data[err.start]:02x}; save "
             "the file as UTF-8 (e.g. iconv -f latin1 -t UTF-8)"
         ) from None
@@ -118,7 +175,7 @@ class ListPrompts(PromptSource):
     def __init__(self, rows: list[dict]) -> None:
         self.rows = [check_row(r, f"ListPrompts.rows[{i}]") for i, r in enumerate(rows)]
         if not self.rows:
-            raise ValueError("ListPrompts.rows is empty")
+            raise SettingError("ListPrompts.rows is empty")
 
     def load(self) -> list[dict]:
         return list(self.rows)
@@ -129,7 +186,7 @@ class TaskPrompts(PromptSource):
 
     def __init__(self, task: Task, num_rows: int = 1000, seed: int = 0) -> None:
         if num_rows < 1:
-            raise ValueError(f"TaskPrompts.num_rows must be >= 1, got {num_rows}")
+            raise SettingError(f"TaskPrompts.num_rows must be >= 1, got {num_rows}")
         self.task = task
         self.num_rows = num_rows
         self.seed = seed

@@ -17,15 +17,15 @@ together and in order (:class:`~lit_opd.rollout.sampler.GroupedPromptSampler`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Literal
 
 import torch
 
+from lit_opd.errors import SettingError
 from lit_opd.rollout.datamodule import RolloutDataModule, step_seed
 from lit_opd.rollout.engines import BuiltinEngine
 from lit_opd.rollout.prompts import eos_ids, left_pad
-from lit_opd.rollout.sources import PromptSource
+from lit_opd.rollout.sources import PromptSource, read_lines
 from lit_opd.tasks.base import Task
 from lit_opd.types import RolloutBatch
 
@@ -36,14 +36,14 @@ TURN_FIELDS = ("messages", "answer", "group_id", "turn_index", "num_turns")
 def check_messages(messages: object, where: str) -> list[dict]:
     """A list of ``{"role": one of ROLES, "content": str}``; one error naming the message and the fix."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: a trajectory needs a non-empty list 'messages'")
+        raise SettingError(f"{where}: a trajectory needs a non-empty list 'messages'")
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
-            raise ValueError(f"{where}: messages[{i}] has role {role!r}; TurnPrompts reads the roles "
+            raise SettingError(f"{where}: messages[{i}] has role {role!r}; TurnPrompts reads the roles "
                              f"{list(ROLES)} (rename it, e.g. 'function' -> 'tool')")
         if not isinstance(message.get("content"), str):
-            raise ValueError(f"{where}: messages[{i}] ({role}) needs a string 'content'")
+            raise SettingError(f"{where}: messages[{i}] ({role}) needs a string 'content'")
     return messages
 
 
@@ -54,10 +54,10 @@ def split_turns(
     check_messages(messages, where)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
-        raise ValueError(f"{where}: the trajectory has no assistant turn, so there is nothing to distil; "
+        raise SettingError(f"{where}: the trajectory has no assistant turn, so there is nothing to distil; "
                          "drop it or add the assistant's turns")
     if turns[0] == 0:
-        raise ValueError(f"{where}: the first message is an assistant turn with no context before it; "
+        raise SettingError(f"{where}: the first message is an assistant turn with no context before it; "
                          "start the trajectory with a system or user message")
     return [
         {**(extra or {}), "messages": [dict(m) for m in messages[:index]],
@@ -83,11 +83,11 @@ class TurnPrompts(PromptSource):
     def __init__(self, path: str | None = None, task: Task | None = None, num_rows: int = 1000, seed: int = 0,
                  mode: Literal["teacher_forcing", "full"] = "teacher_forcing") -> None:
         if (path is None) == (task is None):
-            raise ValueError("TurnPrompts needs exactly one of path (a JSONL file of trajectories) or task")
+            raise SettingError("TurnPrompts needs exactly one of path (a JSONL file of trajectories) or task")
         if mode not in ("teacher_forcing", "full"):
-            raise ValueError(f"TurnPrompts.mode={mode!r}: use 'teacher_forcing' or 'full'")
+            raise SettingError(f"TurnPrompts.mode={mode!r}: use 'teacher_forcing' or 'full'")
         if num_rows < 1:
-            raise ValueError(f"TurnPrompts.num_rows must be >= 1, got {num_rows}")
+            raise SettingError(f"TurnPrompts.num_rows must be >= 1, got {num_rows}")
         self.path, self.task, self.num_rows, self.seed, self.mode = path, task, num_rows, seed, mode
 
     def trajectories(self) -> list[tuple[str, dict]]:
@@ -95,26 +95,22 @@ class TurnPrompts(PromptSource):
         if self.task is not None:
             rows = self.task.make_rows(self.num_rows, self.seed)
             return [(f"TurnPrompts task row {i}", row) for i, row in enumerate(rows)]
-        path = Path(self.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"TurnPrompts.path={self.path!r} does not exist; point it at a .jsonl "
-                                    "file of trajectories")
         out = []
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        for lineno, line in read_lines(self.path, "TurnPrompts.path"):
             if line.strip():
                 try:
                     out.append((f"{self.path}:{lineno}", json.loads(line)))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{self.path}:{lineno}: not valid JSON ({err.msg})") from err
+                    raise SettingError(f"{self.path}:{lineno}: not valid JSON ({err.msg})") from err
         if not out:
-            raise ValueError(f"TurnPrompts.path={self.path!r} holds no trajectories")
+            raise SettingError(f"TurnPrompts.path={self.path!r} holds no trajectories")
         return out
 
     def load(self) -> list[dict]:
         rows = []
         for index, (where, trajectory) in enumerate(self.trajectories()):
             if not isinstance(trajectory, dict):
-                raise ValueError(f"{where}: expected an object with 'messages', got "
+                raise SettingError(f"{where}: expected an object with 'messages', got "
                                  f"{type(trajectory).__name__}")
             extra = {k: v for k, v in trajectory.items() if k not in (*TURN_FIELDS, "id")}
             turns = split_turns(trajectory.get("messages"), trajectory.get("id", index), where, extra)
@@ -132,21 +128,24 @@ class TurnPrompts(PromptSource):
         """The tool's reply to a generated turn (None: no call, the episode ends), for mode full."""
         respond = getattr(self.task, "respond", None)
         if respond is None:
-            raise ValueError("TurnPrompts mode full needs a task with a tool (a respond(text) method, e.g. "
+            raise SettingError("TurnPrompts mode full needs a task with a tool (a respond(text) method, e.g. "
                              "ToolCalcTask); recorded JSONL trajectories have no tool to call")
         return respond(assistant_text)
 
 
 # ----- mode "full": the student plays every turn against the tool ---------------------------------
-def tool_reply_ids(tokenizer, assistant_text: str, reply: str) -> list[int]:  # noqa: ANN001
+def tool_reply_ids(
+    tokenizer, assistant_text: str, reply: str, template_kwargs: dict | None = None,  # noqa: ANN001
+) -> list[int]:
     """The tokens that follow a finished assistant turn (its end-of-turn token already generated): the
-    tool message and the next generation prompt, as the chat template renders them after that turn."""
-    turn = [{"role": "assistant", "content": assistant_text}]
-    before = tokenizer.apply_chat_template(turn, tokenize=False)
+    tool message and the next generation prompt, as the chat template renders them after that turn
+    (with the datamodule's ``chat_template_kwargs``)."""
+    turn, kwargs = [{"role": "assistant", "content": assistant_text}], template_kwargs or {}
+    before = tokenizer.apply_chat_template(turn, tokenize=False, **kwargs)
     after = tokenizer.apply_chat_template([*turn, {"role": "tool", "content": reply}],
-                                          add_generation_prompt=True, tokenize=False)
+                                          add_generation_prompt=True, tokenize=False, **kwargs)
     if not after.startswith(before):
-        raise ValueError("EpisodeRolloutDataModule: the chat template renders an assistant turn differently "
+        raise SettingError("EpisodeRolloutDataModule: the chat template renders an assistant turn differently "
                          "once a tool message follows it; use a template that only appends later messages")
     # What the template writes after the end-of-turn token (e.g. a newline) was not generated: add it here.
     eos = tokenizer.eos_token
@@ -168,12 +167,12 @@ class EpisodeRolloutDataModule(RolloutDataModule):
     def __init__(self, *args, max_turns: int = 10, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
         if max_turns < 1:
-            raise ValueError(f"EpisodeRolloutDataModule.max_turns must be >= 1, got {max_turns}")
+            raise SettingError(f"EpisodeRolloutDataModule.max_turns must be >= 1, got {max_turns}")
         self.max_turns = max_turns
 
     def complete(self, model, batch, params, seed, source):  # noqa: ANN001, ANN201 - see the base
         if params.num_samples != 1:
-            raise ValueError("EpisodeRolloutDataModule plays one episode per prompt; set "
+            raise SettingError("EpisodeRolloutDataModule plays one episode per prompt; set "
                              "sampling.num_samples: 1")
         respond = (self.val_source if source == "greedy" and self.val_source else self.source).respond
         contexts = [ids[mask.bool()].tolist() for ids, mask in zip(batch.prompt_ids_BP, batch.prompt_mask_BP)]
@@ -192,7 +191,8 @@ class EpisodeRolloutDataModule(RolloutDataModule):
                 pieces[b].append((ids, True, logp))
                 reply = respond(finals[b]) if ids and ids[-1] in eos_ids(self.tokenizer) else None
                 if reply is not None and turn + 1 < self.max_turns:
-                    tool_ids = tool_reply_ids(self.tokenizer, finals[b], reply)
+                    template_kwargs = self.prompt_settings.get("chat_template_kwargs")
+                    tool_ids = tool_reply_ids(self.tokenizer, finals[b], reply, template_kwargs)
                     pieces[b].append((tool_ids, False, [0.0] * len(tool_ids)))
                     contexts[b] = contexts[b] + ids + tool_ids
                     still.append(b)

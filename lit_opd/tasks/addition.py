@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 
+from lit_opd.errors import SettingError
 from lit_opd.tasks.base import Task
 
 
@@ -26,7 +27,7 @@ class AdditionTask(Task):
 
     def __init__(self, min_digits: int = 1, max_digits: int = 3, reverse_answer: bool = False) -> None:
         if not 1 <= min_digits <= max_digits:
-            raise ValueError(
+            raise SettingError(
                 f"{type(self).__name__} needs 1 <= min_digits <= max_digits, got min_digits={min_digits}, "
                 f"max_digits={max_digits}"
             )

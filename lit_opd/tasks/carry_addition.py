@@ -23,6 +23,7 @@ import string
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lit_opd.errors import SettingError
 from lit_opd.tasks.addition import AdditionTask
 from lit_opd.tasks.tokenizer import SPECIAL_TOKENS
 
@@ -33,7 +34,7 @@ def carry_trace(a: int, b: int) -> str:
     """The full answer for ``a+b``: one ``x+y+c=ts`` column per digit of the longer operand, then
     ``|`` and the sum."""
     if a < 0 or b < 0:
-        raise ValueError(f"carry_trace needs non-negative operands, got {a} and {b}")
+        raise SettingError(f"carry_trace needs non-negative operands, got {a} and {b}")
     xs, ys = str(a)[::-1], str(b)[::-1]
     columns, carry = [], 0
     for i in range(max(len(xs), len(ys))):

@@ -31,6 +31,7 @@ import re
 
 from transformers import PreTrainedTokenizerFast
 
+from lit_opd.errors import SettingError
 from lit_opd.tasks.base import Task
 from lit_opd.tasks.tokenizer import char_tokenizer
 
@@ -79,10 +80,10 @@ class ToolCalcTask(Task):
     def __init__(self, min_terms: int = 2, max_terms: int = 3, max_digits: int = 2,
                  system_prompt: str | None = None) -> None:
         if not 2 <= min_terms <= max_terms:
-            raise ValueError(f"ToolCalcTask needs 2 <= min_terms <= max_terms, got min_terms={min_terms}, "
+            raise SettingError(f"ToolCalcTask needs 2 <= min_terms <= max_terms, got min_terms={min_terms}, "
                              f"max_terms={max_terms}")
         if max_digits < 1:
-            raise ValueError(f"ToolCalcTask.max_digits must be >= 1, got {max_digits}")
+            raise SettingError(f"ToolCalcTask.max_digits must be >= 1, got {max_digits}")
         self.min_terms, self.max_terms, self.max_digits = min_terms, max_terms, max_digits
         self.system_prompt = system_prompt
 

@@ -3,7 +3,9 @@ prefixes and nothing else, so any served or hosted model can teach, whatever its
 
 ``completions`` mode continues the raw prefix (``/v1/completions``); ``chat`` mode wraps it in a user
 message that asks for the continuation only (``/v1/chat/completions``), for servers and hosted APIs
-that only speak chat. Every request goes through :class:`~lit_opd.teachers.remote.RemoteCalls`
+that only speak chat. A :class:`~lit_opd.rollout.prompts.ChatPrefix` keeps the conversation's roles in
+chat mode: the messages as they are, the response so far as the assistant's turn, then a request to go
+on (:func:`continue_messages`). Every request goes through :class:`~lit_opd.teachers.remote.RemoteCalls`
 (retries, concurrency, budget, counters, key redaction); a request that still fails gives ``None``
 for its samples, never an exception.
 """
@@ -18,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from lit_opd.errors import SettingError
+from lit_opd.rollout.prompts import ChatPrefix
 from lit_opd.teachers.base import Teacher
 from lit_opd.teachers.remote import MalformedAnswer, RemoteCalls
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
@@ -27,6 +31,11 @@ log = logging.getLogger(__name__)
 CONTINUE_INSTRUCTION = (
     "Continue the text below from exactly where it stops. Reply with the continuation only: do not "
     "repeat the text, do not add quotes, explanations or anything else."
+)
+# After a conversation whose last assistant turn (the student's response so far) stops mid-way.
+RESUME_INSTRUCTION = (
+    "Your reply above stops mid-way. Continue it from exactly where it stops. Reply with the continuation "
+    "only: do not repeat what you wrote, do not add quotes, explanations or anything else."
 )
 MODES = ("completions", "chat")
 OWN_COUNTERS = ("n_ignored", "topup_requests", "unanswered_samples")
@@ -39,10 +48,21 @@ MAX_ENV_NAME = 40
 
 # ----- shared with HFTextTeacher ------------------------------------------------------------------
 def continue_messages(prefix: str, instruction: str, system_prompt: str | None) -> list[dict]:
-    """The chat messages that ask a model to continue ``prefix``: the instruction, a blank line, then
-    the prefix last, so that it is what the model's answer follows."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [*messages, {"role": "user", "content": f"{instruction}\n\n{prefix}"}]
+    """The chat messages that ask a model to continue ``prefix``. A plain string: the instruction, a
+    blank line, then the prefix last, so that it is what the model's answer follows. A
+    :class:`ChatPrefix`: its conversation with the roles kept (``system_prompt`` first unless it has its
+    own), then, once there is a response so far, that response as the assistant's turn and
+    :data:`RESUME_INSTRUCTION`; with none, the model simply answers the conversation."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if not isinstance(prefix, ChatPrefix):
+        return [*system, {"role": "user", "content": f"{instruction}\n\n{prefix}"}]
+    conversation = [{"role": m["role"], "content": m["content"]} for m in prefix.messages]
+    if conversation and conversation[0]["role"] == "system":
+        system = []
+    if not prefix.response:
+        return [*system, *conversation]
+    return [*system, *conversation, {"role": "assistant", "content": prefix.response},
+            {"role": "user", "content": RESUME_INSTRUCTION}]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -56,18 +76,18 @@ def check_stop(owner: str, stop: str | Sequence[str] | None) -> list[str]:
     """``stop`` as a list of non-empty strings (a single string is one stop string)."""
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"{owner}.stop={stop!r} must be a list of non-empty strings (or null)")
+        raise SettingError(f"{owner}.stop={stop!r} must be a list of non-empty strings (or null)")
     return stop
 
 
 def check_text_request(owner: str, max_new_tokens: int, num_samples: int, temperature: float) -> None:
     """The arguments of ``generate_text`` (a method's bug, reported as such)."""
     if not (isinstance(max_new_tokens, numbers.Integral) and max_new_tokens >= 1):
-        raise ValueError(f"{owner}.generate_text: max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        raise SettingError(f"{owner}.generate_text: max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if not (isinstance(num_samples, numbers.Integral) and num_samples >= 1):
-        raise ValueError(f"{owner}.generate_text: num_samples={num_samples!r} must be an integer >= 1")
+        raise SettingError(f"{owner}.generate_text: num_samples={num_samples!r} must be an integer >= 1")
     if not _finite_nonneg(temperature):
-        raise ValueError(f"{owner}.generate_text: temperature={temperature!r} must be a finite number >= 0")
+        raise SettingError(f"{owner}.generate_text: temperature={temperature!r} must be a finite number >= 0")
 
 
 def no_logprobs(owner: str) -> NotImplementedError:
@@ -87,7 +107,7 @@ def check_key_env_name(owner: str, api_key_env: str | None) -> None:
     name_like = isinstance(api_key_env, str) and ENV_NAME.fullmatch(api_key_env) is not None
     if name_like and len(api_key_env) <= MAX_ENV_NAME and not KEY_LIKE.fullmatch(api_key_env):
         return
-    raise ValueError(
+    raise SettingError(
         f"{owner}.api_key_env must be the NAME of an environment variable that holds the key (e.g. "
         "OPENAI_API_KEY), but the value given looks like a key itself (not shown here); put the key in a "
         f"variable (export MY_API_KEY=...) and set {owner}.api_key_env: MY_API_KEY"
@@ -116,8 +136,9 @@ class APITeacher(Teacher):
         model: the model name the server expects.
         api_key_env: *name* of the environment variable holding the API key (None: no key). The key
             never enters a config, log, message, checkpoint or this object's state.
-        mode: "completions" continues the raw prefix; "chat" asks for the continuation in a chat
-            message (``continue_instruction`` + the prefix), for chat-only endpoints.
+        mode: "completions" continues the raw prefix (a ``ChatPrefix``: the rendered prompt and the
+            response so far); "chat" asks for the continuation in a chat message (``continue_instruction``
+            + the prefix; a ``ChatPrefix`` is sent as its conversation, roles kept), for chat-only endpoints.
         max_tokens: cap on the caller's ``max_new_tokens`` (tokens of the *teacher's* tokenizer).
         stop: strings that end a continuation (sent to the server and also cut here).
         temperature: sampling temperature for every request; None = the caller's.
@@ -237,7 +258,7 @@ class APITeacher(Teacher):
         if self.seed_requests:
             kwargs["seed"] = settings["seed"] + req.first
         if self.mode == "completions":
-            answer = client.completions.create(prompt=prefix, **kwargs)
+            answer = client.completions.create(prompt=str(prefix), **kwargs)
             texts = [getattr(choice, "text", None) for choice in _choices(answer)]
         else:
             messages = continue_messages(prefix, self.continue_instruction, self.system_prompt)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_opd.errors import SettingError
 from lit_opd.types import RolloutBatch, TeacherCapability, TeacherOutput
 
 
@@ -93,7 +94,7 @@ class Teacher(abc.ABC):
 def check_capability(teacher: Teacher, needed: TeacherCapability, method: str, setting: str) -> None:
     """Fail at construction, not at step 300, when a method needs more than the teacher gives."""
     if teacher.capability < needed:
-        raise ValueError(
+        raise SettingError(
             f"{method} with {setting} needs a teacher with capability {needed.name}, but "
             f"{type(teacher).__name__} provides {teacher.capability.name}. Use a teacher that returns "
             f"{needed.name} (e.g. HFTeacher) or a method/setting that works from {teacher.capability.name}."

@@ -22,6 +22,7 @@ from dataclasses import fields, replace
 import torch
 from torch import Tensor
 
+from lit_opd.errors import SettingError
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch, TeacherOutput
 
@@ -46,14 +47,14 @@ class TeacherGroup(Teacher):
         routes: dict[str, str] | None = None,
     ) -> None:
         if not isinstance(teachers, dict) or not teachers:
-            raise ValueError("TeacherGroup.teachers must be a non-empty mapping name -> teacher, e.g. "
+            raise SettingError("TeacherGroup.teachers must be a non-empty mapping name -> teacher, e.g. "
                              "{teacher_a: HFTeacher(...), teacher_b: HFTeacher(...)}")
         for name, teacher in teachers.items():
             if not isinstance(name, str) or not name:
-                raise ValueError(f"TeacherGroup.teachers: every name must be a non-empty string, "
+                raise SettingError(f"TeacherGroup.teachers: every name must be a non-empty string, "
                                  f"got {name!r}")
             if not isinstance(teacher, Teacher) or isinstance(teacher, TeacherGroup):
-                raise ValueError(f"TeacherGroup.teachers[{name!r}] must be a single teacher (e.g. "
+                raise SettingError(f"TeacherGroup.teachers[{name!r}] must be a single teacher (e.g. "
                                  f"HFTeacher), got {type(teacher).__name__}")
         self.teachers = dict(teachers)
         self.capability = min(t.capability for t in self.teachers.values())  # the weakest member's
@@ -105,7 +106,7 @@ class TeacherGroup(Teacher):
     def score(self, batch: RolloutBatch) -> TeacherOutput:
         """Each row scored by the teacher its ``route_field`` names (see the class docstring)."""
         if self.route_field is None:
-            raise ValueError(
+            raise SettingError(
                 "A TeacherGroup has no single distribution to score with: its members are combined by a "
                 "method. Use it through MADOPDModule (mode routed, fixed or debate), or give the group "
                 "route_field (and routes) so that each row is scored by the teacher its field names."
@@ -115,12 +116,12 @@ class TeacherGroup(Teacher):
     def route(self, rows: Sequence[dict], field: str, routes: dict[str, str] | None) -> list[str]:
         """The teacher name of every row: ``routes[row[field]]`` (or the value itself without routes)."""
         if not rows:
-            raise ValueError(f"routing needs the batch's source rows (field {field!r}), but the batch has "
+            raise SettingError(f"routing needs the batch's source rows (field {field!r}), but the batch has "
                              "none")
         names = []
         for index, row in enumerate(rows):
             if field not in row:
-                raise ValueError(
+                raise SettingError(
                     f"row {index} has no field {field!r} (its fields: {sorted(row)}), so it cannot be routed "
                     f"to a teacher; give every row a {field!r} or set route_field to a field the rows have"
                 )
@@ -129,7 +130,7 @@ class TeacherGroup(Teacher):
             if name not in self.teachers:
                 known = sorted(routes) if routes is not None else self.names
                 what = "routes has no entry for" if routes is not None else "no teacher is named"
-                raise ValueError(
+                raise SettingError(
                     f"row {index}: {field}={value!r}, but {what} {value!r}; known {field} values: {known}. "
                     f"Add {value!r} to routes (teachers: {self.names}) or drop such rows from the source."
                 )
@@ -147,11 +148,11 @@ class TeacherGroup(Teacher):
         in row order."""
         B = batch.completion_ids_BT.shape[0]
         if len(route) != B:
-            raise ValueError(f"score_rows got {len(route)} route entries for a batch of {B} rows")
+            raise SettingError(f"score_rows got {len(route)} route entries for a batch of {B} rows")
         parts: dict[str, tuple[Tensor, TeacherOutput]] = {}
         for name in dict.fromkeys(route):
             if name not in self.teachers:
-                raise ValueError(f"score_rows: no teacher named {name!r}; teachers: {self.names}")
+                raise SettingError(f"score_rows: no teacher named {name!r}; teachers: {self.names}")
             idx_b = torch.tensor([i for i, n in enumerate(route) if n == name], dtype=torch.long)
             parts[name] = (idx_b, self.teachers[name].score(select_rows(batch, idx_b)))
         return stitch_outputs(parts, B)
@@ -170,10 +171,10 @@ def check_routes(routes: dict[str, str] | None, names: Sequence[str], owner: str
     if routes is None:
         return None
     if not isinstance(routes, dict) or not routes:
-        raise ValueError(f"{owner}.routes must be a non-empty mapping field value -> teacher name, or null")
+        raise SettingError(f"{owner}.routes must be a non-empty mapping field value -> teacher name, or null")
     unknown = {value: name for value, name in routes.items() if name not in names}
     if unknown:
-        raise ValueError(f"{owner}.routes sends {unknown} to teachers that do not exist; "
+        raise SettingError(f"{owner}.routes sends {unknown} to teachers that do not exist; "
                          f"teachers: {list(names)}")
     return {str(value): name for value, name in routes.items()}
 
@@ -198,7 +199,7 @@ def stitch_outputs(parts: dict[str, tuple[Tensor, TeacherOutput]], B: int) -> Te
                for name, (_, out) in parts.items()}
     kinds = {frozenset(p) for p in present.values()}
     if len(kinds) > 1:
-        raise ValueError(
+        raise SettingError(
             f"the teachers routed in one batch return different fields ({present}), so their rows cannot "
             "be stitched into one output; route to teachers of one kind (e.g. all HFTeacher, or all "
             "ServerTeacher with the same k)"
@@ -207,7 +208,7 @@ def stitch_outputs(parts: dict[str, tuple[Tensor, TeacherOutput]], B: int) -> Te
     for f in next(iter(kinds)):
         shapes = {name: tuple(getattr(out, f).shape[1:]) for name, (_, out) in parts.items()}
         if len(set(shapes.values())) > 1:
-            raise ValueError(f"the routed teachers' {f} shapes differ {shapes}; give them the same "
+            raise SettingError(f"the routed teachers' {f} shapes differ {shapes}; give them the same "
                              "vocabulary (and the same top-k)")
         first = getattr(next(iter(parts.values()))[1], f)
         full = first.new_zeros((B, *first.shape[1:]))

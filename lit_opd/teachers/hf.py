@@ -11,10 +11,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutput
 
+from lit_opd.errors import SettingError
 from lit_opd.models import (
-    ModelSpec, as_spec, check_model_vocab, completion_logits, freeze, load_causal_lm, load_tokenizer,
+    ModelSpec, as_spec, check_model_vocab, completion_hidden, completion_logits, freeze, load_causal_lm,
+    load_tokenizer, plain_head,
 )
-from lit_opd.objectives.lean import completion_hidden, plain_head
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch, SamplingParams, TeacherCapability, TeacherOutput
 
@@ -57,7 +58,7 @@ class HFTeacher(Teacher):
     ) -> None:
         number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
         if not (number and 0.0 < temperature < float("inf")):
-            raise ValueError(f"HFTeacher.temperature={temperature!r} must be a finite number > 0")
+            raise SettingError(f"HFTeacher.temperature={temperature!r} must be a finite number > 0")
         self.temperature = float(temperature)
         self.spec = None if isinstance(model, nn.Module) else as_spec(model)
         self.model = freeze(load_causal_lm(model))

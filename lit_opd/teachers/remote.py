@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from lit_opd.errors import TeacherUnreachable
+from lit_opd.errors import SettingError, TeacherUnreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,15 +63,15 @@ class RemoteCalls:
                   "max_tokens": max_tokens is None or max_tokens >= 1}
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"{owner}.{name}={locals()[name]!r} is out of range: timeout > 0, "
+                raise SettingError(f"{owner}.{name}={locals()[name]!r} is out of range: timeout > 0, "
                                  "retries >= 0, backoff >= 0, concurrency >= 1, budgets >= 1 or null")
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"{owner}.base_url={base_url!r} must start with http:// or https:// "
+            raise SettingError(f"{owner}.base_url={base_url!r} must start with http:// or https:// "
                              "(e.g. http://127.0.0.1:8000/v1)")
         self.base_url, self.owner = base_url.rstrip("/"), owner
         self.api_key_env = api_key_env
         if api_key_env is not None and not os.environ.get(api_key_env):
-            raise ValueError(
+            raise SettingError(
                 f"{owner}.api_key_env={api_key_env!r} names an environment variable that is not set; "
                 f"export {api_key_env}=<your key> before the run, or set api_key_env: null for a server "
                 "that needs no key"

@@ -22,6 +22,7 @@ import uuid
 
 import torch
 
+from lit_opd.errors import UserError
 from lit_opd.models import DTYPES, ModelSpec, freeze, load_causal_lm, load_tokenizer
 
 
@@ -308,7 +309,7 @@ def serve_main(argv: list[str]) -> None:
     try:
         model = freeze(load_causal_lm(spec))
         tokenizer = load_tokenizer(None, spec)
-    except (OSError, ValueError, ImportError) as err:
+    except UserError as err:
         parser.error(str(err))
     if spec.quantization is None:  # bitsandbytes places its own weights
         model.to(device)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lit_opd.errors import TeacherUnreachable
+from lit_opd.errors import SettingError, TeacherUnreachable
 from lit_opd.teachers.api import check_key_env_name
 from lit_opd.teachers.base import Teacher
 from lit_opd.teachers.remote import MalformedAnswer, RemoteCalls
@@ -70,10 +70,10 @@ class ServerTeacher(Teacher):
     ) -> None:
         for name, value in (("k", k), ("rows_per_request", rows_per_request)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ServerTeacher.{name}={value!r} must be an integer >= 1 (k: log-probs per "
+                raise SettingError(f"ServerTeacher.{name}={value!r} must be an integer >= 1 (k: log-probs per "
                                  "position, the objective's top_k; rows_per_request: rows per HTTP request)")
         if not isinstance(model, str) or not model:
-            raise ValueError(f"ServerTeacher.model={model!r} must name the served model "
+            raise SettingError(f"ServerTeacher.model={model!r} must name the served model "
                              "(as the server's /v1/models lists it)")
         check_key_env_name("ServerTeacher", api_key_env)  # a pasted key is refused without echoing it
         self.remote = RemoteCalls(
@@ -182,7 +182,7 @@ def _rows(batch: RolloutBatch) -> list[tuple[list[int], int]]:
     for i, (ids, kept, completion, n) in enumerate(zip(prompts, keep, completions, lengths)):
         prompt = [t for t, on in zip(ids, kept) if on]
         if not prompt:
-            raise ValueError(f"ServerTeacher: row {i} has an empty prompt; the server cannot score a "
+            raise SettingError(f"ServerTeacher: row {i} has an empty prompt; the server cannot score a "
                              "completion without a token before it (give every prompt a token, e.g. BOS)")
         rows.append((prompt + completion[:n], len(prompt)))
     return rows

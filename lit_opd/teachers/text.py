@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_opd.errors import SettingError
 from lit_opd.models import ModelSpec, as_spec, freeze, load_causal_lm, load_tokenizer
 from lit_opd.teachers.api import CONTINUE_INSTRUCTION, check_stop, check_text_request, continue_messages
 from lit_opd.teachers.api import cut_at_stop, no_logprobs
@@ -34,7 +35,8 @@ class HFTextTeacher(Teacher):
         stop: strings that end a continuation (generation stops there; the string is cut off).
         chat: render each prefix with the tokenizer's chat template as a user message that asks for
             the continuation (``continue_instruction``, optional ``system_prompt``), as
-            ``APITeacher(mode="chat")`` does; False continues the raw prefix.
+            ``APITeacher(mode="chat")`` does; a ``ChatPrefix`` is rendered as its own conversation (roles
+            kept) with the response so far as the assistant's turn. False continues the raw prefix.
         batch_size: prompts per ``generate`` call (each with all its samples).
         name: label for the checkpoint identity when ``model`` is an object.
 
@@ -51,16 +53,16 @@ class HFTextTeacher(Teacher):
         name: str | None = None,
     ) -> None:
         if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
-            raise ValueError(f"HFTextTeacher.batch_size={batch_size!r} must be an integer >= 1")
+            raise SettingError(f"HFTextTeacher.batch_size={batch_size!r} must be an integer >= 1")
         if chat and not (isinstance(continue_instruction, str) and continue_instruction.strip()):
-            raise ValueError(f"HFTextTeacher.continue_instruction={continue_instruction!r} must be a "
+            raise SettingError(f"HFTextTeacher.continue_instruction={continue_instruction!r} must be a "
                              "non-empty instruction (the default asks for the continuation only)")
         self.stop, self.chat, self.batch_size = check_stop("HFTextTeacher", stop), bool(chat), batch_size
         self.continue_instruction, self.system_prompt = continue_instruction, system_prompt
         self.spec = None if isinstance(model, nn.Module) else as_spec(model)
         self.tokenizer = load_tokenizer(tokenizer, model)
         if self.chat and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("HFTextTeacher.chat=True needs a tokenizer with a chat template, and this one "
+            raise SettingError("HFTextTeacher.chat=True needs a tokenizer with a chat template, and this one "
                              "has none; set chat: false to continue raw prefixes, or pass a tokenizer that "
                              "has one")
         self.model = freeze(load_causal_lm(model))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import codecs
 import copy
+import errno
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,17 +20,18 @@ import torch
 
 from lit_opd import HFTeacher, OPDModule
 from lit_opd.cli import main
-from lit_opd.errors import user_message
+from lit_opd.errors import UserError, user_message
 from lit_opd.models import completion_logits
 from lit_opd.objectives import Divergence
 from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule
 from lit_opd.rollout.datamodule import rollout_seed, step_seed
 from lit_opd.rollout.prompts import PromptTokenizer
 from lit_opd.rollout.sampling import filter_logits
+from lit_opd.rollout.turns import TurnPrompts
 from lit_opd.tasks import char_tokenizer
 from lit_opd.teachers.api import APITeacher
 from lit_opd.types import SamplingParams
-from tests.helpers import make_rollout_batch, make_tiny_model
+from tests.helpers import make_module, make_rollout_batch, make_tiny_model
 from tests.integration.cli import raised
 from tests.integration.scripts.procs import REPO, tiny_opd_config
 
@@ -245,7 +248,6 @@ def test_top_k_above_the_vocabulary_keeps_every_token():
 
 
 def test_divergence_top_k_above_the_vocabulary_is_one_line(char_tok):
-    from lit_opd.errors import user_message
     from lit_opd.objectives import Divergence
     from lit_opd.objectives.paths import token_terms
     from lit_opd.types import TeacherOutput
@@ -294,3 +296,82 @@ def test_a_padded_vocabulary_is_compared_over_the_ids_both_have(char_tok, chunk_
     small = make_tiny_model(100, 32, 2, seed=1)
     line = _line(HFTeacher, small, tokenizer=char_tok)
     assert line.startswith("The teacher model has 100 output rows but its tokenizer has 104 tokens")
+
+
+# ----- the trainer, the optimizer, custom code, a full disk, DDP ranks ------------------------------
+def test_trainer_and_optimizer_settings_via_the_cli(config, monkeypatch, capsys):
+    fit = ["fit", "--config", str(config)]
+    gpu = _cli_error([*fit, "--trainer.accelerator", "gpu"], monkeypatch, capsys)
+    assert gpu.startswith("error: trainer: No supported gpu backend found! (this machine has ")
+    assert gpu.endswith("set trainer.accelerator to cpu or auto, or run on a machine with a GPU and a CUDA "
+                        "build of torch")
+    assert _cli_error([*fit, "--model.init_args.optimizer.init_args.lr", "-0.1"], monkeypatch, capsys) == (
+        "error: model.init_args.optimizer: the optimizer refused its settings (Invalid learning rate: -0.1); "
+        "fix that value under model.init_args.optimizer.init_args")
+
+
+def test_a_model_with_custom_code_is_refused_in_one_line(config, student_dir, tmp_path, monkeypatch, capsys):
+    custom = tmp_path / "custom"
+    shutil.copytree(student_dir, custom)
+    settings = json.loads((custom / "config.json").read_text())
+    settings.update(model_type="my_custom", auto_map={"AutoConfig": "configuration_my.MyConfig",
+                                                     "AutoModelForCausalLM": "modeling_my.MyModel"})
+    (custom / "config.json").write_text(json.dumps(settings))
+    (custom / "configuration_my.py").write_text("raise SystemExit('code ran')\n")  # must never run
+    line = _cli_error(["fit", "--config", str(config), "--model.init_args.student", str(custom)],
+                      monkeypatch, capsys, never="code ran")
+    assert line == (
+        f"error: model.init_args.student: Model '{custom}' ships its own Python code (an auto_map in its "
+        "config), which is not run unless you allow it; if you trust where it comes from, give the model as "
+        "a spec with trust_remote_code: true (e.g. student: {path: ..., trust_remote_code: true}), or use a "
+        "model transformers supports natively")
+
+
+def test_a_full_disk_keeps_the_earlier_checkpoint_and_says_so(tmp_path, monkeypatch):
+    from lit_opd.callbacks import AtomicCheckpointIO, checkpoint_io
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "tag": "old"}, path)
+
+    def full_disk(obj, fh):  # noqa: ANN001 - torch.save's signature
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk)
+    new = {"state_dict": {"w": torch.ones(3)}, "tag": "new"}
+    err = raised(AtomicCheckpointIO().save_checkpoint, new, path)
+    assert user_message(err) == (
+        f"Could not write checkpoint {path}: No space left on device; the earlier last.ckpt there is intact "
+        f"(and the run's other checkpoints are untouched). Free space in {tmp_path} or point the "
+        "ModelCheckpoint's dirpath at a disk with room, then resume with --ckpt_path set to the newest "
+        "checkpoint there")
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["tag"] == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left
+
+
+def test_turn_prompts_read_files_like_every_source(tmp_path):
+    assert _line(TurnPrompts(path=str(tmp_path)).load) == (
+        f"TurnPrompts.path='{tmp_path}' is a directory, not a file; point it at a .jsonl file")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"))
+    assert _line(TurnPrompts(path=str(latin1)).load).startswith(
+        f"TurnPrompts.path='{latin1}' is not UTF-8 text: line 1 holds byte 0xe9")
+
+
+def test_a_huge_method_seed_draws_its_mix(char_tok):
+    module = make_module(char_tok, lmbda=0.5, seed=2**62)
+    assert {module.completion_source() for _ in range(2)} <= {"student", "dataset"}
+
+
+def test_only_rank_zero_prints_a_user_error(monkeypatch, capsys):
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from lit_opd.errors import user_errors_exit
+
+    for rank, printed in ((1, ""), (0, "error: bad setting\n")):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with pytest.raises(SystemExit) as exit_, user_errors_exit():
+            raise UserError("bad setting")
+        assert exit_.value.code == 1
+        assert capsys.readouterr().err.split("(set")[0] == printed

@@ -414,3 +414,35 @@ def test_the_recorded_settings_are_what_is_compared(tiny_run):
     config = yaml.safe_load(Path(tiny_run[0]).read_text())["model"]["init_args"]
     assert info["student_spec"]["path"] == config["student"]
     assert info["objective"]["class"] == "Divergence" and info["objective"]["beta"] == 0.5
+
+
+def test_another_method_setting_is_refused_not_silently_replaced(tiny_run, monkeypatch, capsys):
+    """LightningCLI lays the checkpoint's hparams over the command line: lmbda 0.9 given for this run
+    used to become the checkpoint's 0.5 without a word."""
+    args = ["fit", "--config", str(tiny_run[0]), "--ckpt_path", str(tiny_run[1]), "--model.init_args.lmbda", "0.9"]
+    line = refused(args, monkeypatch, capsys)
+    assert line == f"error: ckpt_path='{tiny_run[1]}' was trained with other settings: lmbda 0.5 -> 0.9. {SETTINGS_FIX}"
+
+
+def test_a_method_setting_changed_on_purpose_is_the_one_used(tiny_run, tmp_path, monkeypatch):
+    from lit_opd import cli
+
+    built = []
+    monkeypatch.setattr(cli.OPDCLI, "before_fit", lambda self: built.append(self.model.lmbda), raising=False)
+    run_main(
+        ["fit", "--config", str(tiny_run[0]), "--ckpt_path", str(tiny_run[1]), "--model.init_args.lmbda", "0.9",
+         "--model.init_args.allow_settings_change", "true", "--trainer.max_steps", "3",
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]", "--trainer.logger", "false"],
+        monkeypatch,
+    )
+    assert built == [0.9]
+
+
+def test_a_changed_method_setting_is_refused_on_a_last_resume_too(tiny_run, tmp_path, monkeypatch, capsys):
+    """`--ckpt_path last` is resolved only once the trainer exists; the settings are checked then."""
+    root = tmp_path / "run"
+    shutil.copytree(tiny_run[1].parent.parent, root)
+    args = ["fit", "--config", str(tiny_run[0]), "--trainer.default_root_dir", str(root),
+            "--trainer.logger.init_args.save_dir", str(root), "--ckpt_path", "last", "--model.init_args.lmbda", "0.9"]
+    line = refused(args, monkeypatch, capsys)
+    assert line.startswith("error: ckpt_path='") and line.endswith(f"lmbda 0.5 -> 0.9. {SETTINGS_FIX}")

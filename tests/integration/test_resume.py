@@ -62,13 +62,16 @@ def runs(tmp_path_factory, student_dir, teacher_dir):
 
 def test_resumed_run_repeats_the_unbroken_losses(runs):
     rows_a = read_metrics(runs["A"])
-    rows_b = read_metrics(runs["B"] / "logs" / "version_1")  # the resumed process's own log
+    # The resumed process logs into the crashed run's own folder, after its rows (no version_1).
+    assert not (runs["B"] / "logs" / "version_1").exists()
+    rows_b = read_metrics(runs["B"] / "logs" / "version_0")
     for key in ("train/loss", "train/teacher_kl", "rollout/len_mean"):
         a, b = step_values(rows_a, key), step_values(rows_b, key)
         assert sorted(a) == list(range(8)), f"{key}: run A logged steps {sorted(a)}"
-        # CSVLogger's `step` is the global step before the update: B's steps 5..8 are rows 4..7.
-        assert sorted(b) == [4, 5, 6, 7], f"{key}: the resumed run logged steps {sorted(b)}"
-        for step in b:
+        # CSVLogger's `step` is the global step before the update: steps 0..3 before the crash, and
+        # the resumed steps 5..8 as rows 4..7.
+        assert sorted(b) == list(range(8)), f"{key}: run B logged steps {sorted(b)}"
+        for step in range(4, 8):
             assert b[step] == pytest.approx(a[step], abs=1e-5, rel=1e-5), (key, step, a, b)
     # The resumed window mixes on-policy (student samples of varying length) and dataset steps,
     # and the losses are not constant, so matching them means something was really restored.

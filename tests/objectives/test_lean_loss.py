@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lit_opd.objectives import divergences as D
-from lit_opd.objectives.lean import hidden_divergence, plain_head
+from lit_opd.models import plain_head
+from lit_opd.objectives.lean import hidden_divergence
 from lit_opd.objectives import Divergence, SampledReward
 from tests.helpers import make_module, make_rollout_batch, make_tiny_model
 

@@ -10,7 +10,7 @@ import torch
 
 from lit_opd.methods.base import PolicyModule
 from lit_opd.rollout import JsonlPrompts, ListPrompts, RolloutDataModule, TaskPrompts
-from lit_opd.rollout.datamodule import dataset_completions
+from lit_opd.rollout.prompts import dataset_completions
 from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts
 from lit_opd.rollout.sampler import ResumablePromptSampler
 from lit_opd.tasks import AdditionTask, char_tokenizer

@@ -9,7 +9,7 @@ import torch
 from lit_opd import HFTeacher
 from lit_opd.methods.list_opd.calibration import build_batches, calibrate_batches, encode_rows
 from lit_opd.cli import cli_main
-from lit_opd.objectives.lean import completion_hidden
+from lit_opd.models import completion_hidden
 from lit_opd.methods.list_opd import ListOPDModule
 from lit_opd.models import completion_logits
 from lit_opd.tasks import RankingTask

@@ -44,6 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from lit_opd.errors import SettingError
 from lit_opd.methods.base import PolicyModule
 from lit_opd.rollout.datamodule import RolloutDataModule
 from lit_opd.types import RolloutBatch
@@ -243,15 +244,15 @@ class EffOPDCallback(L.Callback):
         anchor_on_cpu: bool = False,
     ) -> None:
         if num_trials < 1 or initial_factor <= 0 or loss_batches < 1:
-            raise ValueError(
+            raise SettingError(
                 f"EffOPDCallback needs num_trials >= 1, initial_factor > 0, loss_batches >= 1; got "
                 f"{num_trials}, {initial_factor}, {loss_batches}"
             )
         if score not in ("accuracy", "loss"):
-            raise ValueError(f"EffOPDCallback.score={score!r}: use 'accuracy' or 'loss' (or pass score_fn)")
+            raise SettingError(f"EffOPDCallback.score={score!r}: use 'accuracy' or 'loss' (or pass score_fn)")
         valid_int = isinstance(schedule, int) and schedule > 0
         if schedule != "pow2" and not valid_int and not isinstance(schedule, list):
-            raise ValueError(f"EffOPDCallback.schedule={schedule!r}: use 'pow2', an int >= 1 or a list")
+            raise SettingError(f"EffOPDCallback.schedule={schedule!r}: use 'pow2', an int >= 1 or a list")
         self.schedule, self.num_trials, self.initial_factor = schedule, num_trials, initial_factor
         self.include, self.score, self.score_fn = tuple(include), score, score_fn
         self.loss_batches, self.seed, self.anchor_on_cpu = loss_batches, seed, anchor_on_cpu
@@ -303,7 +304,7 @@ class EffOPDCallback(L.Callback):
         params = select_parameters(policy_of(pl_module), self.include)
         if not params:
             names = [n for n, _ in policy_of(pl_module).named_parameters()][:8]
-            raise ValueError(f"EffOPDCallback.include={list(self.include)} matches no trainable parameter "
+            raise SettingError(f"EffOPDCallback.include={list(self.include)} matches no trainable parameter "
                              f"of the student (its parameters start: {names})")
         return params
 
@@ -313,7 +314,7 @@ class EffOPDCallback(L.Callback):
         current = {n: tuple(local_tensor(p).shape) for n, p in params}
         if saved != current:
             bad = sorted(set(saved.items()) ^ set(current.items()))[:4]
-            raise ValueError(f"EffOPDCallback: the checkpoint's anchor does not match the student's "
+            raise SettingError(f"EffOPDCallback: the checkpoint's anchor does not match the student's "
                              f"extrapolated parameters (name, shape) here, e.g. {bad}; was `include`, the "
                              "model or the sharding changed?")
 
@@ -321,16 +322,16 @@ class EffOPDCallback(L.Callback):
     def _check_can_evaluate(trainer: L.Trainer) -> None:
         datamodule = trainer.datamodule
         if not isinstance(datamodule, RolloutDataModule):
-            raise ValueError("EffOPDCallback(score='accuracy') needs the RolloutDataModule (its "
+            raise SettingError("EffOPDCallback(score='accuracy') needs the RolloutDataModule (its "
                              "evaluate(module)); pass score='loss' or score_fn otherwise")
         loader = datamodule.val_dataloader()
         if isinstance(loader, list) and not loader:
-            raise ValueError("EffOPDCallback(score='accuracy') needs validation prompts: set the "
+            raise SettingError("EffOPDCallback(score='accuracy') needs validation prompts: set the "
                              "DataModule's val_source or val_size > 0")
 
     def _prepare_loss_cache(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, PolicyModule):
-            raise ValueError("EffOPDCallback(score='loss') needs a lit_opd method (its score_loss(batch)); "
+            raise SettingError("EffOPDCallback(score='loss') needs a lit_opd method (its score_loss(batch)); "
                              f"{type(pl_module).__name__} is not one: use score_fn")
         if self._loss_cache is None:  # rank 0's rollouts on every rank: same scores, exact resume
             cache = self._roll_out_validation(trainer, pl_module)
@@ -343,7 +344,7 @@ class EffOPDCallback(L.Callback):
         if isinstance(datamodule, RolloutDataModule):
             cache = [r.to_state() for r in held_out_rollouts(datamodule, pl_module, self.seed, self.loss_batches)]
         if not cache:
-            raise ValueError("EffOPDCallback(score='loss') needs a RolloutDataModule with validation "
+            raise SettingError("EffOPDCallback(score='loss') needs a RolloutDataModule with validation "
                              "prompts: set its val_source or val_size > 0")
         return cache
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from lit_opd.errors import SettingError
 from lit_opd.methods.eff_opd.callback import DEFAULT_MODULES, policy_of, select_parameters
 
 
@@ -96,9 +97,9 @@ class UpdateDynamicsCallback(L.Callback):
         store_on_cpu: bool = False,
     ) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"UpdateDynamicsCallback.every_n_steps must be >= 1, got {every_n_steps}")
+            raise SettingError(f"UpdateDynamicsCallback.every_n_steps must be >= 1, got {every_n_steps}")
         if reference_step is not None and reference_path is not None:
-            raise ValueError("UpdateDynamicsCallback: give reference_step or reference_path, not both")
+            raise SettingError("UpdateDynamicsCallback: give reference_step or reference_path, not both")
         self.every_n_steps, self.include = every_n_steps, tuple(include)
         self.reference_step, self.reference_path = reference_step, reference_path
         self.store_on_cpu = store_on_cpu
@@ -122,7 +123,7 @@ class UpdateDynamicsCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = self.tracked(policy_of(pl_module))
         if not params:
-            raise ValueError(f"UpdateDynamicsCallback.include={list(self.include)} matches no 2-D weight")
+            raise SettingError(f"UpdateDynamicsCallback.include={list(self.include)} matches no 2-D weight")
         device = torch.device("cpu") if self.store_on_cpu else pl_module.device
         if self.w0 is None:  # fresh run: the start weights; a resumed run brought its own
             self.w0 = {
@@ -136,7 +137,7 @@ class UpdateDynamicsCallback(L.Callback):
             self.u_ref = {k: v.float().to(device) for k, v in saved.items()}
         missing = sorted({module_name(n) for n, _ in params} - set(self.w0))
         if missing:
-            raise ValueError(f"UpdateDynamicsCallback: no start weights for {missing[:4]} (changed model?)")
+            raise SettingError(f"UpdateDynamicsCallback: no start weights for {missing[:4]} (changed model?)")
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -8,7 +8,7 @@ from lit_opd.methods.list_opd.calibration import CalibrationReport, calibrate
 from lit_opd.methods.list_opd.cliff import lambda_star, lambda_star_kary, q_star
 from lit_opd.methods.list_opd.module import ListOPDModule
 from lit_opd.methods.list_opd.objective import BaseRelativeClip, base_relative_ppo_loss
-from lit_opd.methods.list_opd.ranking import RankingTask
+from lit_opd.tasks.ranking import RankingTask
 
 __all__ = [
     "ListOPDModule", "BaseRelativeClip", "base_relative_ppo_loss", "CalibrationReport", "calibrate", "lambda_star",

@@ -48,11 +48,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from lit_opd.errors import SettingError
 from lit_opd.methods.list_opd.cliff import lambda_star as lambda_star_fn
 from lit_opd.models import completion_logits
-from lit_opd.rollout.datamodule import dataset_completions
+from lit_opd.rollout.prompts import dataset_completions
 from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts
-from lit_opd.methods.list_opd.ranking import ANSWER_KEY, parse_ranking, structural_positions
+from lit_opd.tasks.ranking import ANSWER_KEY, parse_ranking, structural_positions
 from lit_opd.types import RolloutBatch
 
 JSON_WHITESPACE = frozenset(" \t\n\r")
@@ -71,7 +72,7 @@ class RankingContract:
 
     def __init__(self, candidates: Sequence[str], k: int) -> None:
         if not 1 <= k <= len(candidates) or len(set(candidates)) != len(candidates):
-            raise ValueError(f"RankingContract needs distinct candidates, 1 <= k <= {len(candidates)}; k={k}")
+            raise SettingError(f"RankingContract needs distinct candidates, 1 <= k <= {len(candidates)}; k={k}")
         self.candidates, self.k = frozenset(candidates), k
 
     @classmethod
@@ -82,7 +83,7 @@ class RankingContract:
         except (ValueError, TypeError, KeyError):
             ids = None
         if not isinstance(ids, list) or not ids or parse_ranking(answer, ids, len(ids)) is None:
-            raise ValueError(f"answer={answer!r} is not a ranking under the contract; calibration needs one")
+            raise SettingError(f"answer={answer!r} is not a ranking under the contract; calibration needs one")
         return cls(ids, len(ids))
 
     def start(self) -> tuple:
@@ -150,10 +151,10 @@ def answer_positions(
     elif positions == "structural":
         chars = structural_positions(answer, include_eos=True)
     else:
-        raise ValueError(f"positions={positions!r}: use 'structural' or 'all'")
+        raise SettingError(f"positions={positions!r}: use 'structural' or 'all'")
     offsets = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     if len(offsets) != num_answer_tokens:
-        raise ValueError("the answer tokenizes differently with and without offsets")
+        raise SettingError("the answer tokenizes differently with and without offsets")
     starts = [s for s, _ in offsets] + [len(answer)]
     ends = [e for _, e in offsets] + [len(answer) + 1]
     out: dict[int, int] = {}
@@ -287,7 +288,7 @@ def build_batches(
     """Teacher-forced batches of records with answers, and the contract-valid set C_t per position."""
     records = [r for r in records if r.get("answer") is not None]
     if not records:
-        raise ValueError("calibration needs rows with a reference 'answer'")
+        raise SettingError("calibration needs rows with a reference 'answer'")
     texts, eos = token_texts(tokenizer), tokenizer.eos_token_id
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     cache: dict[tuple, tuple[int, ...]] = {}
@@ -312,7 +313,7 @@ def _targets(
         if key not in cache:
             cache[key] = valid_token_ids(contract, state, texts, eos_ids)
         if rec["answer_ids"][index] not in cache[key]:
-            raise ValueError(f"the reference token at answer position {index} of {answer!r} is not "
+            raise SettingError(f"the reference token at answer position {index} of {answer!r} is not "
                              "contract-valid; is this a ranking answer?")
         out.append((index, cache[key]))
     return out

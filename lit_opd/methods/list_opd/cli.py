@@ -24,8 +24,9 @@ def calibrate_main(argv: list[str]) -> CalibrationReport:
     parser.add_argument("--teacher_temperature", type=float, default=1.0, help="HFTeacher.temperature")
     parser.add_argument("--two_sided", type=bool, default=False, help="also watch the band's upper edge")
     cfg = parser.parse_args(argv)
+    from lit_opd.errors import UserError
     from lit_opd.models import freeze, load_causal_lm, load_tokenizer
-    from lit_opd.methods.list_opd.ranking import RankingTask
+    from lit_opd.tasks.ranking import RankingTask
     from lit_opd.teachers.hf import HFTeacher
 
     try:
@@ -35,7 +36,7 @@ def calibrate_main(argv: list[str]) -> CalibrationReport:
         rows = RankingTask(k=cfg.k).make_rows(cfg.num_rows, cfg.seed)
         report = calibrate(teacher, base, tokenizer, rows, cfg.clip, cfg.anchor, positions=cfg.positions,
                            two_sided=cfg.two_sided)
-    except (OSError, ValueError) as err:
+    except UserError as err:
         parser.error(str(err))
     print(f"{report.table()}\nprompts {report.num_prompts} c {report.c}\n{report.summary()}")
     return report

@@ -45,12 +45,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lit_opd.errors import SettingError
+
 ANCHORS = ("base", "teacher")
 
 
 def _check_open_unit(name: str, value: float) -> None:
     if not 0.0 < value < 1.0:
-        raise ValueError(f"{name}={value!r} must lie strictly between 0 and 1")
+        raise SettingError(f"{name}={value!r} must lie strictly between 0 and 1")
 
 
 def _logit(x: float) -> float:
@@ -97,13 +99,13 @@ def lambda_star(p: float, b: float, c: float, anchor: str = "base", two_sided: b
     _check_open_unit("b", b)
     _check_open_unit("c", c)
     if not b < p and not two_sided:
-        raise ValueError(
+        raise SettingError(
             f"lambda_star needs b < p, got b={b!r}, p={p!r}: the teacher must put more mass on the valid "
             "token than the warm start, otherwise extrapolation does not move q* toward the tail boundary "
             "(two_sided=True also watches the upper edge)"
         )
     if anchor not in ANCHORS:
-        raise ValueError(f"anchor={anchor!r}: use one of {', '.join(ANCHORS)}")
+        raise SettingError(f"anchor={anchor!r}: use one of {', '.join(ANCHORS)}")
     if p == b:
         return math.inf
     a = b if anchor == "base" else p
@@ -136,9 +138,9 @@ def _as_distribution(name: str, probs: Sequence[float] | Tensor) -> Tensor:
     probs_K = torch.as_tensor(probs, dtype=torch.float64)
     if probs_K.dim() != 1 or probs_K.numel() < 2:
         shape = tuple(probs_K.shape)
-        raise ValueError(f"{name} must be a 1-D distribution over K >= 2 classes, got shape {shape}")
+        raise SettingError(f"{name} must be a 1-D distribution over K >= 2 classes, got shape {shape}")
     if not bool((probs_K > 0).all()) or abs(float(probs_K.sum()) - 1.0) > 1e-6:
-        raise ValueError(f"{name} must be strictly positive and sum to 1, got {probs_K.tolist()}")
+        raise SettingError(f"{name} must be strictly positive and sum to 1, got {probs_K.tolist()}")
     return probs_K
 
 
@@ -146,7 +148,7 @@ def q_star_kary(p_K: Sequence[float] | Tensor, b_K: Sequence[float] | Tensor, la
     """K-ary G-OPD fixed point q*_k(λ) = softmax_k((1−λ) ln b_k + λ ln p_k), float64 (K,)."""
     p_K, b_K = _as_distribution("p_K", p_K), _as_distribution("b_K", b_K)
     if p_K.shape != b_K.shape:
-        raise ValueError(f"p_K has {p_K.numel()} classes but b_K has {b_K.numel()}")
+        raise SettingError(f"p_K has {p_K.numel()} classes but b_K has {b_K.numel()}")
     return torch.softmax((1.0 - lambda_) * b_K.log() + lambda_ * p_K.log(), dim=-1)
 
 
@@ -183,11 +185,11 @@ def lambda_star_kary(
     p_K, b_K = _as_distribution("p_K", p_K), _as_distribution("b_K", b_K)
     _check_open_unit("c", c)
     if not lo < hi:
-        raise ValueError(f"lambda_star_kary needs lo < hi, got lo={lo!r}, hi={hi!r}")
+        raise SettingError(f"lambda_star_kary needs lo < hi, got lo={lo!r}, hi={hi!r}")
     if not valid_ids or len(set(valid_ids)) != len(valid_ids) or len(valid_ids) >= p_K.numel():
-        raise ValueError(f"valid_ids={list(valid_ids)!r} must be distinct and leave a non-empty complement")
+        raise SettingError(f"valid_ids={list(valid_ids)!r} must be distinct and leave a non-empty complement")
     if not all(0 <= k < p_K.numel() for k in valid_ids):
-        raise ValueError(f"valid_ids={list(valid_ids)!r} must index the {p_K.numel()} classes")
+        raise SettingError(f"valid_ids={list(valid_ids)!r} must index the {p_K.numel()} classes")
     valid_K = torch.zeros(p_K.numel(), dtype=torch.bool)
     valid_K[list(valid_ids)] = True
     b_valid = float(b_K[valid_K].sum())
@@ -196,9 +198,9 @@ def lambda_star_kary(
         return _class_safe(q_star_kary(p_K, b_K, lam), valid_K, b_valid, c)
 
     if not safe(lo):
-        raise ValueError(f"the clip-safe predicate already fails at lo={lo!r}; lower lo")
+        raise SettingError(f"the clip-safe predicate already fails at lo={lo!r}; lower lo")
     if safe(hi):
-        raise ValueError(f"the clip-safe predicate still holds at hi={hi!r}; raise hi")
+        raise SettingError(f"the clip-safe predicate still holds at hi={hi!r}; raise hi")
     while hi - lo > tol:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if safe(mid) else (lo, mid)

@@ -36,13 +36,14 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from lit_opd.errors import SettingError
 from lit_opd.methods.base import default_optimizer
 from lit_opd.methods.list_opd.calibration import (
     CalibrationBatch, CalibrationReport, RankingContract, binding_tail_ratios, build_batches, calibrate_batches,
     encode_rows,
 )
 from lit_opd.methods.list_opd.objective import BaseRelativeClip
-from lit_opd.methods.list_opd.ranking import RankingTask, parse_ranking
+from lit_opd.tasks.ranking import RankingTask, parse_ranking
 from lit_opd.methods.opd import OPDModule
 from lit_opd.models import ModelSpec
 from lit_opd.rollout.prompts import PromptTokenizer, decode_completions
@@ -147,17 +148,17 @@ class ListOPDModule(OPDModule):
         self.lambda_star = float(value)
         if self.lambda_setting == "auto":
             if not math.isfinite(value):
-                raise ValueError(
+                raise SettingError(
                     "ListOPDModule.lambda_='auto' but λ* = +inf: the teacher puts no more mass on "
                     "contract-valid tokens than the warm start at any structural position, so there is no "
                     "cliff to stay below. Set lambda_ to a number."
                 )
             if value - self.delta <= 0:
-                raise ValueError(f"ListOPDModule: λ* = {value:.4f} leaves no room for delta={self.delta}; "
+                raise SettingError(f"ListOPDModule: λ* = {value:.4f} leaves no room for delta={self.delta}; "
                                  "lower delta or set lambda_ to a number")
             self.lambda_ = value - self.delta
         elif self.lambda_ > value and not self.allow_above_cliff:
-            raise ValueError(
+            raise SettingError(
                 f"ListOPDModule.lambda_={self.lambda_} is above the extrapolation cliff λ* = {value:.4f} "
                 f"(clip c={self.c}, anchor {self.anchor!r}{self._binding_note()}): past λ* the G-OPD "
                 "fixed point leaves the clip-safe region and strict parse validity collapses (arXiv "
@@ -179,7 +180,7 @@ class ListOPDModule(OPDModule):
         was given."""
         model = self.teacher.scoring_model()
         if model is None:
-            raise ValueError(
+            raise SettingError(
                 f"ListOPDModule calibration needs a teacher with a local model (HFTeacher), got "
                 f"{type(self.teacher).__name__}; pass lambda_star and calibration_rows: 0 instead"
             )
@@ -205,7 +206,7 @@ class ListOPDModule(OPDModule):
             rank_zero_info(f"ListOPD calibration on {report.num_prompts} prompts (c={self.c}):\n"
                            f"{report.table()}\n{report.summary()}\nlambda {self.lambda_:.6g}")
         if self.lambda_ is None:
-            raise ValueError("ListOPDModule.lambda_='auto' needs λ*: set calibration_rows > 0 or lambda_star")
+            raise SettingError("ListOPDModule.lambda_='auto' needs λ*: set calibration_rows > 0 or lambda_star")
         if self.lambda_star is None:
             rank_zero_warn(f"ListOPDModule: λ={self.lambda_} is not checked against the cliff (no λ*)")
         elif self.lambda_star < 1.0:
@@ -228,7 +229,7 @@ class ListOPDModule(OPDModule):
             return encoder.rows(rows, "calibration") if encoder else encode_rows(self.tokenizer, rows)
         records = [r for r in (val_rows or train_rows) if r.get("answer") is not None]
         if not records:
-            raise ValueError(
+            raise SettingError(
                 "ListOPDModule cannot calibrate: no calibration_source and the datamodule has no rows with "
                 "answers; pass calibration_source, or lambda_star with calibration_rows: 0"
             )
@@ -286,13 +287,13 @@ def _check_settings(
     objective: BaseRelativeClip, lambda_: float | str, delta: float, rows: int, anchor: str
 ) -> None:
     if not isinstance(objective, BaseRelativeClip):
-        raise ValueError(f"ListOPDModule.objective must be a BaseRelativeClip (ListOPD's loss), got "
+        raise SettingError(f"ListOPDModule.objective must be a BaseRelativeClip (ListOPD's loss), got "
                          f"{objective.component_class().__name__}; use OPDModule for other objectives")
     if lambda_ != "auto" and (isinstance(lambda_, str) or not float(lambda_) > 0):
-        raise ValueError(f"ListOPDModule.lambda_={lambda_!r}: use a number > 0 or 'auto'")
+        raise SettingError(f"ListOPDModule.lambda_={lambda_!r}: use a number > 0 or 'auto'")
     if delta < 0:
-        raise ValueError(f"ListOPDModule.delta={delta} must be >= 0")
+        raise SettingError(f"ListOPDModule.delta={delta} must be >= 0")
     if rows < 0:
-        raise ValueError(f"ListOPDModule.calibration_rows={rows} must be >= 0")
+        raise SettingError(f"ListOPDModule.calibration_rows={rows} must be >= 0")
     if anchor not in ("base", "teacher"):
-        raise ValueError(f"ListOPDModule.anchor={anchor!r}: use 'base' or 'teacher'")
+        raise SettingError(f"ListOPDModule.anchor={anchor!r}: use 'base' or 'teacher'")

@@ -23,6 +23,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from lit_opd.errors import SettingError
 from lit_opd.objectives import divergences as D
 from lit_opd.objectives import sampled as O
 from lit_opd.objectives.components import REDUCTIONS, Objective, TokenTerms
@@ -74,9 +75,9 @@ class BaseRelativeClip(Objective):
         reduction: Literal["token_mean", "seq_mean", "sum"] = "token_mean",
     ) -> None:
         if not 0.0 < clip < 1.0:
-            raise ValueError(f"BaseRelativeClip.clip={clip} must be in (0, 1)")
+            raise SettingError(f"BaseRelativeClip.clip={clip} must be in (0, 1)")
         if reduction not in REDUCTIONS:
-            raise ValueError(f"BaseRelativeClip.reduction={reduction!r}: use one of {list(REDUCTIONS)}")
+            raise SettingError(f"BaseRelativeClip.reduction={reduction!r}: use one of {list(REDUCTIONS)}")
         self.clip, self.kl_coef, self.dual_clip, self.tis_cap = clip, kl_coef, dual_clip, tis_cap
         self.reweight_to_base, self.reduction = reweight_to_base, reduction
         self.lambda_: float | None = None
@@ -91,7 +92,7 @@ class BaseRelativeClip(Objective):
             raise RuntimeError("ListOPD: λ is not set yet (lambda_='auto' resolves when fit starts); "
                                "call calibrate(records) or set_lambda_star(value) first")
         if batch.sampler_logp_BT is None:
-            raise ValueError("ListOPDModule trains on its own samples; this batch has no sampler log-probs")
+            raise SettingError("ListOPDModule trains on its own samples; this batch has no sampler log-probs")
         return base_relative_ppo_loss(
             terms.student_logp_BT, terms.reference_logp_BT, terms.teacher_logp_BT, batch.sampler_logp_BT,
             batch.loss_mask_BT, self.lambda_, self.clip, self.kl_coef, self.dual_clip, self.tis_cap,

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lit_opd.errors import SettingError
 from lit_opd.objectives.paths import teacher_token_logp
 from lit_opd.rollout.prompts import collate_prompts
 from lit_opd.teachers.base import Teacher
@@ -84,12 +85,12 @@ class DebatePrompts:
         for name, (required, allowed) in needs.items():
             found = _fields(getattr(self, name))
             if not required <= found or not found <= allowed:
-                raise ValueError(
+                raise SettingError(
                     f"DebatePrompts.{name} must contain {_braced(required)} and may use only "
                     f"{_braced(allowed)}; it has {_braced(found)} (write a literal brace as {{{{ or }}}})"
                 )
         if not _fields(self.force_decode) & {"prompt", "transcript"}:
-            raise ValueError("DebatePrompts.force_decode must contain {transcript} (the paper) or at least "
+            raise SettingError("DebatePrompts.force_decode must contain {transcript} (the paper) or at least "
                              "{prompt}")
 
     def transcript(self, entries: Sequence[tuple[str, int, str]]) -> str:
@@ -139,7 +140,7 @@ class DebateSettings:
                    "'tag', 'tag_or_logprob' or 'logprob'")]
         for name, ok, what in checks:
             if not ok:
-                raise ValueError(f"MADOPDModule.debate.{name}={getattr(self, name)!r} must be {what}")
+                raise SettingError(f"MADOPDModule.debate.{name}={getattr(self, name)!r} must be {what}")
 
     @property
     def asks_for_tags(self) -> bool:
@@ -192,7 +193,7 @@ def run_debate(
             out = teacher.generate_text(sent, max_new_tokens=settings.max_new_tokens,
                                         temperature=settings.temperature, seed=(seed * 101 + r) * 101 + k)
             if len(out) != len(sent):
-                raise ValueError(f"{type(teacher).__name__}.generate_text returned {len(out)} answers for "
+                raise SettingError(f"{type(teacher).__name__}.generate_text returned {len(out)} answers for "
                                  f"{len(sent)} debate prompts; it must return one list per prompt")
             said = [(o[0] if o else None) or "" for o in out]  # None: the teacher gave no answer
             tokens += sum(count_tokens(s) for s in said)

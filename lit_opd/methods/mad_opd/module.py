@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_opd.errors import SettingError
 from lit_opd.methods.base import default_optimizer
 from lit_opd.methods.mad_opd.debate import LABELS, DebateSettings, answer_confidence, forced_batch, run_debate
 from lit_opd.methods.mad_opd.weights import (
@@ -38,6 +39,7 @@ from lit_opd.objectives import divergences as D
 from lit_opd.objectives.components import Divergence
 from lit_opd.objectives.paths import teacher_token_logp
 from lit_opd.rollout.datamodule import step_seed
+from lit_opd.rollout.prompts import PromptTokenizer
 from lit_opd.teachers.base import Teacher, check_capability
 from lit_opd.teachers.group import TeacherGroup, check_routes
 from lit_opd.types import RolloutBatch, TeacherOutput
@@ -78,6 +80,8 @@ class MADOPDModule(OPDModule):
         lmbda, seed, allow_teacher_change, allow_settings_change: see :class:`OPDModule`; ``seed``
             also seeds the debate.
     """
+
+    _template_kwargs: dict = {}  # the datamodule's chat_template_kwargs (connect_prompts); never mutated
 
     def __init__(
         self,
@@ -130,15 +134,10 @@ class MADOPDModule(OPDModule):
                 "divide_by_sampling_temperature": self.divide_by_sampling_temperature}
 
     # ----- the step -------------------------------------------------------------------------
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
+    def compute_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict]:
         loss, metrics = self.mad_loss(batch)
         metrics.update(self.rollout_metrics(batch))
-        self.log_rollout(batch, {"loss": loss.detach(), **metrics})
-        self.log_teacher_stats(batch)
-        return loss
-
-    def score_loss(self, batch: RolloutBatch) -> Tensor:
-        return self.mad_loss(batch)[0]
+        return loss, metrics
 
     def mad_loss(self, batch: RolloutBatch) -> tuple[Tensor, dict]:
         """The loss on one RolloutBatch (the teachers are asked here) and detached diagnostics."""
@@ -169,7 +168,7 @@ class MADOPDModule(OPDModule):
             return self.objective.temperature
         sampling = getattr(getattr(self._trainer, "datamodule", None), "sampling", None)
         if sampling is None:
-            raise ValueError("MADOPDModule.divide_by_sampling_temperature needs a RolloutDataModule (its "
+            raise SettingError("MADOPDModule.divide_by_sampling_temperature needs a RolloutDataModule (its "
                              "sampling.temperature); train with one or set the flag to false")
         return sampling.temperature
 
@@ -255,18 +254,20 @@ class MADOPDModule(OPDModule):
         chat = self.debate.chat_template
         return getattr(self.tokenizer, "chat_template", None) is not None if chat is None else chat
 
-    def _render(self, text: str) -> str:
+    def connect_prompts(self, encoder: PromptTokenizer, train_rows: list[dict], val_rows: list[dict]) -> None:
+        # The debate's own prompts render with the datamodule's template variables (enable_thinking, ...).
+        self._template_kwargs = encoder.template_kwargs
+
+    def _render(self, text: str, tokenize: bool = False) -> str | list[int]:
         if not self._use_chat():
-            return text
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                  add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text)["input_ids"] if tokenize else text
+        encoded = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                     add_generation_prompt=True, tokenize=tokenize,
+                                                     **self._template_kwargs)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded) if tokenize else encoded
 
     def _context_ids(self, text: str) -> list[int]:
-        if not self._use_chat():
-            return self.tokenizer(text)["input_ids"]
-        encoded = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                     add_generation_prompt=True, tokenize=True)
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        return self._render(text, tokenize=True)
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -342,16 +343,16 @@ def _check_settings(
 ) -> None:
     """One clear error per bad setting, before any model is loaded."""
     if mode not in MODES:
-        raise ValueError(f"MADOPDModule.mode={mode!r}: use one of {list(MODES)}")
+        raise SettingError(f"MADOPDModule.mode={mode!r}: use one of {list(MODES)}")
     if not isinstance(objective, Divergence):
-        raise ValueError(f"MADOPDModule.objective must be a lit_opd.objectives.Divergence (D of each "
+        raise SettingError(f"MADOPDModule.objective must be a lit_opd.objectives.Divergence (D of each "
                          f"teacher's loss), got {type(objective).__name__}")
     settings = objective.settings()  # a method call: builds a lazy YAML default before its fields are read
     if settings["chunk_size"] is not None:
-        raise ValueError("MADOPDModule computes each sample's divergence from full logits; set "
+        raise SettingError("MADOPDModule computes each sample's divergence from full logits; set "
                          "objective.chunk_size: null")
     if by_sampling and settings["temperature"] != 1.0:
-        raise ValueError("MADOPDModule: objective.temperature and divide_by_sampling_temperature both set "
+        raise SettingError("MADOPDModule: objective.temperature and divide_by_sampling_temperature both set "
                          "τ; keep one (objective.temperature: 1.0, or the flag false)")
     for name, member in group.teachers.items():
         check_capability(member, objective.needs(), "MADOPDModule",
@@ -361,18 +362,18 @@ def _check_settings(
     for setting, value in misplaced.items():
         if value is not None:
             owner = "fixed" if setting == "weights" else "routed"
-            raise ValueError(f"MADOPDModule.{setting} is a setting of mode {owner}, but mode is {mode!r}; "
+            raise SettingError(f"MADOPDModule.{setting} is a setting of mode {owner}, but mode is {mode!r}; "
                              "remove it")
     if mode == "routed":
         if route_field and group.route_field:
-            raise ValueError("MADOPDModule.route_field is set and so is the TeacherGroup's; set it in one "
+            raise SettingError("MADOPDModule.route_field is set and so is the TeacherGroup's; set it in one "
                              "place")
         if not (route_field or group.route_field):
-            raise ValueError("MADOPDModule mode routed needs route_field: the row field that names each "
+            raise SettingError("MADOPDModule mode routed needs route_field: the row field that names each "
                              "row's teacher (e.g. domain), with routes mapping its values to teacher names")
         return
     if len(group) < 2:
-        raise ValueError(f"MADOPDModule mode {mode} needs at least 2 teachers, got {group.names}; with one "
+        raise SettingError(f"MADOPDModule mode {mode} needs at least 2 teachers, got {group.names}; with one "
                          "teacher use OPDModule")
     if mode == "debate":
         _check_debaters(group, debate)
@@ -380,12 +381,12 @@ def _check_settings(
 
 def _check_debaters(group: TeacherGroup, debate: DebateSettings) -> None:
     if len(group) > len(LABELS):
-        raise ValueError(f"MADOPDModule debate: at most {len(LABELS)} teachers (Expert A..Z), "
+        raise SettingError(f"MADOPDModule debate: at most {len(LABELS)} teachers (Expert A..Z), "
                          f"got {len(group)}")
     for name, member in group.teachers.items():
         if not member.generates_text():
-            raise ValueError(f"MADOPDModule mode debate: teacher {name!r} ({type(member).__name__}) "
+            raise SettingError(f"MADOPDModule mode debate: teacher {name!r} ({type(member).__name__}) "
                              "cannot generate text for the debate; use a teacher with generate_text (e.g. "
                              "HFTeacher)")
     if not isinstance(debate, DebateSettings):
-        raise ValueError(f"MADOPDModule.debate must be DebateSettings, got {type(debate).__name__}")
+        raise SettingError(f"MADOPDModule.debate must be DebateSettings, got {type(debate).__name__}")

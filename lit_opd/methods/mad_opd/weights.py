@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lit_opd.errors import SettingError
 from lit_opd.objectives import divergences as D
 from lit_opd.objectives.components import Divergence
 from lit_opd.types import TeacherOutput
@@ -39,18 +40,18 @@ def fixed_weights(weights: Mapping[str, float] | None, names: Sequence[str], own
     if weights is None:
         return {name: 1.0 / len(names) for name in names}
     if not isinstance(weights, Mapping):
-        raise ValueError(f"{owner}.weights must map teacher name -> weight, e.g. {{{names[0]}: 0.5, ...}}")
+        raise SettingError(f"{owner}.weights must map teacher name -> weight, e.g. {{{names[0]}: 0.5, ...}}")
     missing, unknown = [n for n in names if n not in weights], [n for n in weights if n not in names]
     if missing or unknown:
-        raise ValueError(f"{owner}.weights must give one weight per teacher {list(names)}: "
+        raise SettingError(f"{owner}.weights must give one weight per teacher {list(names)}: "
                          f"missing {missing}, unknown {unknown}")
     bad = {n: w for n, w in weights.items()
            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
     if bad:
-        raise ValueError(f"{owner}.weights {bad}: every weight must be a finite number >= 0")
+        raise SettingError(f"{owner}.weights {bad}: every weight must be a finite number >= 0")
     total = float(sum(weights.values()))
     if total <= 0:
-        raise ValueError(f"{owner}.weights are all 0; give at least one teacher a positive weight")
+        raise SettingError(f"{owner}.weights are all 0; give at least one teacher a positive weight")
     return {n: float(weights[n]) / total for n in names}
 
 
@@ -76,7 +77,7 @@ def teacher_topk(out: TeacherOutput, top_k: int, temperature: float) -> tuple[Te
     if out.topk_logp_BTK is None:
         return (out.logits_BTV.float() / temperature).log_softmax(-1).topk(top_k, dim=-1)
     if out.topk_logp_BTK.shape[-1] < top_k:
-        raise ValueError(f"Divergence.top_k={top_k} but a teacher returned only "
+        raise SettingError(f"Divergence.top_k={top_k} but a teacher returned only "
                          f"{out.topk_logp_BTK.shape[-1]} log-probs per position; lower top_k or raise that "
                          "teacher's k")
     return out.topk_logp_BTK[..., :top_k], out.topk_ids_BTK[..., :top_k]

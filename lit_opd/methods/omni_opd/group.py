@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lit_opd.errors import SettingError
 from lit_opd.methods.omni_opd.objective import AnchorTerms, SpeculativeVerification, Verdicts, posterior_target
 from lit_opd.methods.omni_opd.similarity import Similarity
 from lit_opd.types import RolloutBatch
@@ -82,11 +83,11 @@ class GroupVerification(SpeculativeVerification):
                          alpha=alpha, beta=beta, similarity=similarity, reduction=reduction,
                          teacher_tokens=teacher_tokens, teacher_temperature=teacher_temperature)
         if not (isinstance(candidates, int) and not isinstance(candidates, bool) and candidates >= 2):
-            raise ValueError(f"GroupVerification.candidates={candidates!r} must be an integer >= 2 (the sampled "
+            raise SettingError(f"GroupVerification.candidates={candidates!r} must be an integer >= 2 (the sampled "
                              "chunk and at least one fresh one to compare it with)")
         if not (isinstance(candidate_temperature, (int, float)) and math.isfinite(candidate_temperature)
                 and candidate_temperature > 0):
-            raise ValueError(f"GroupVerification.candidate_temperature={candidate_temperature!r} must be > 0")
+            raise SettingError(f"GroupVerification.candidate_temperature={candidate_temperature!r} must be > 0")
         self.candidates, self.candidate_temperature = candidates, float(candidate_temperature)
 
     def __call__(self, batch: RolloutBatch, terms: AnchorTerms, verdicts: Verdicts,

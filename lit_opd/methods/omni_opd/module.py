@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_opd.errors import SettingError
 from lit_opd.methods.base import default_optimizer
 from lit_opd.methods.omni_opd.audits import chunk_mask, pick_audits, repetition_loops
 from lit_opd.methods.omni_opd.group import Candidates, GroupVerification
@@ -34,7 +35,7 @@ from lit_opd.objectives import divergences as D
 from lit_opd.rollout.datamodule import RolloutDataModule, step_seed
 from lit_opd.rollout.distributed import ranks_agree
 from lit_opd.rollout.engines import BuiltinEngine
-from lit_opd.rollout.prompts import eos_ids, left_pad
+from lit_opd.rollout.prompts import ChatPrefix, eos_ids, left_pad
 from lit_opd.teachers.base import Teacher
 from lit_opd.types import RolloutBatch, SamplingParams
 
@@ -83,10 +84,10 @@ class OmniOPDModule(TaughtModule):
         allow_settings_change: bool = False,
     ) -> None:
         if not isinstance(objective, SpeculativeVerification):
-            raise ValueError(f"OmniOPDModule.objective must be a SpeculativeVerification (OmniOPD's loss), "
+            raise SettingError(f"OmniOPDModule.objective must be a SpeculativeVerification (OmniOPD's loss), "
                              f"got {type(objective).__name__}; use OPDModule for token-level objectives")
         if not teacher.generates_text():
-            raise ValueError(
+            raise SettingError(
                 f"OmniOPDModule needs a teacher that returns text continuations (generate_text), but "
                 f"{type(teacher).__name__} returns log-probs only. Use APITeacher (any OpenAI-compatible "
                 "server, e.g. `vllm serve` or `transformers serve`), HFTextTeacher or HFTeacher."
@@ -99,15 +100,13 @@ class OmniOPDModule(TaughtModule):
         self.freeze_reference(reference)  # π_ref of the anchor
 
     # ----- the step -----------------------------------------------------------------------------
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
+    progress_bar_terms = ("teacher_kl", "entropy", "target_mean", "audits_per_seq", "anchor_kl")
+
+    def compute_loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
         loss, metrics = self.loss(batch)
         loops_B = repetition_loops(batch.completion_ids_BT, batch.completion_mask_BT)
         metrics["repetition_rate"] = loops_B.float().mean()
-        self.log_rollout(batch, {"loss": loss.detach(), **metrics})
-        bar = {k: metrics[k] for k in ("target_mean", "audits_per_seq", "anchor_kl") if k in metrics}
-        self.log_dict(bar, prog_bar=True, logger=False, batch_size=batch.completion_ids_BT.shape[0])
-        self.log_teacher_stats(batch)
-        return loss
+        return loss, metrics
 
     def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
         """The objective on one RolloutBatch (the teacher is asked here) and detached diagnostics."""
@@ -126,10 +125,6 @@ class OmniOPDModule(TaughtModule):
             loss, metrics = self.objective(batch, terms, verdicts)
         metrics.update(self._audit_metrics(verdicts, entropy_BT, mask_BT))
         return loss, metrics
-
-    def score_loss(self, batch: RolloutBatch) -> torch.Tensor:
-        """The training loss on ``batch`` without an update (held-out scoring, e.g. EffOPD)."""
-        return self.loss(batch)[0]
 
     def _audit_metrics(self, verdicts: Verdicts, entropy_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict:
         obj = self.objective
@@ -166,7 +161,7 @@ class OmniOPDModule(TaughtModule):
                                              num_samples=obj.num_continuations,
                                              temperature=obj.teacher_temperature, seed=self.query_seed())
         if len(answers) != len(audits) or any(len(a) != obj.num_continuations for a in answers):
-            raise ValueError(
+            raise SettingError(
                 f"{type(self.teacher).__name__}.generate_text returned {[len(a) for a in answers]} "
                 f"continuations for {len(audits)} prefixes; it must return num_samples="
                 f"{obj.num_continuations} entries (None for a failed one) per prefix"
@@ -266,10 +261,12 @@ class OmniOPDModule(TaughtModule):
         for row, row_starts in enumerate(starts):
             if not row_starts:
                 continue
-            prompt = tok.decode(self._prompt_ids(batch, row), skip_special_tokens=True)
+            prompt_ids, source_row = self._prompt_ids(batch, row), batch.rows[row] if batch.rows else {}
             ids = batch.completion_ids_BT[row].tolist()
             for start in sorted(row_starts):
                 before = tok.decode(ids[:start], skip_special_tokens=True)
                 chunk = added_text(tok, ids[:start], before, ids[start : start + C])
-                out.append((row, start, prompt + before, chunk, ids[start + C - 1] in self._eos))
+                # Roles kept for a chat-mode teacher; the text as the student saw it for a completions one.
+                prefix = ChatPrefix.of(tok, prompt_ids, source_row, before)
+                out.append((row, start, prefix, chunk, ids[start + C - 1] in self._eos))
         return out

@@ -22,6 +22,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from lit_opd.errors import SettingError
 from lit_opd.methods.omni_opd.similarity import Similarity, resolve_similarity
 from lit_opd.objectives import divergences as D
 from lit_opd.objectives.components import Objective
@@ -136,12 +137,12 @@ class SpeculativeVerification(Objective):
             if value is None and name == "teacher_tokens":
                 continue
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"SpeculativeVerification.{name}={value!r} must be an integer >= 1")
+                raise SettingError(f"SpeculativeVerification.{name}={value!r} must be an integer >= 1")
         for name, value in (("alpha", alpha), ("beta", beta), ("teacher_temperature", teacher_temperature)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"SpeculativeVerification.{name}={value!r} must be a finite number >= 0")
+                raise SettingError(f"SpeculativeVerification.{name}={value!r} must be a finite number >= 0")
         if reduction not in REDUCTIONS:
-            raise ValueError(f"SpeculativeVerification.reduction={reduction!r}: use one of "
+            raise SettingError(f"SpeculativeVerification.reduction={reduction!r}: use one of "
                              f"{list(REDUCTIONS)}")
         self.chunk_tokens, self.max_audits = chunk_tokens, max_audits
         self.num_continuations = num_continuations
@@ -150,7 +151,7 @@ class SpeculativeVerification(Objective):
         self.similarity_name, self.similarity_fn = resolve_similarity(similarity)
         self.teacher_tokens, self.teacher_temperature = teacher_tokens, float(teacher_temperature)
         if baseline not in BASELINES:
-            raise ValueError(f"SpeculativeVerification.baseline={baseline!r}: use one of {list(BASELINES)}")
+            raise SettingError(f"SpeculativeVerification.baseline={baseline!r}: use one of {list(BASELINES)}")
         self.baseline = baseline
 
     def uses_reference(self) -> bool:

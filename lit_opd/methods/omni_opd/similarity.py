@@ -17,6 +17,8 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from lit_opd.errors import SettingError
+
 Similarity = Callable[[str, str], float]
 
 _WORD = re.compile(r"\w+")
@@ -140,7 +142,7 @@ def resolve_similarity(spec: str | Similarity) -> tuple[str, Similarity]:
     hint = (f"use one of {sorted(SIMILARITIES)}, a dotted path to a function (text, text) -> [0, 1], "
             "or pass a callable")
     if not isinstance(spec, str):
-        raise ValueError(f"SpeculativeVerification.similarity={spec!r}: {hint}")
+        raise SettingError(f"SpeculativeVerification.similarity={spec!r}: {hint}")
     if spec in SIMILARITIES:
         return spec, SIMILARITIES[spec]
     module_name, _, attr = spec.rpartition(".")
@@ -149,7 +151,7 @@ def resolve_similarity(spec: str | Similarity) -> tuple[str, Similarity]:
     except (ImportError, AttributeError):
         fn = None
     if not callable(fn):
-        raise ValueError(f"SpeculativeVerification.similarity={spec!r} is neither a known name nor an "
+        raise SettingError(f"SpeculativeVerification.similarity={spec!r} is neither a known name nor an "
                          f"importable function: {hint}")
     return spec, fn
 
@@ -178,7 +180,7 @@ def semantic_count(
             continue
         value = float(similarity(chunk, compared_text(text, chunk, chunk_ends)))
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise ValueError(f"SpeculativeVerification.similarity returned {value!r} for ({chunk!r}, "
+            raise SettingError(f"SpeculativeVerification.similarity returned {value!r} for ({chunk!r}, "
                              f"{text!r}); a similarity must lie in [0, 1]")
         k_sem, answered = k_sem + value, answered + 1
     return k_sem, answered

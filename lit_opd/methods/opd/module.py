@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_opd.errors import SettingError
 from lit_opd.methods.base import default_optimizer
 from lit_opd.methods.taught import TaughtModule
 from lit_opd.models import ModelSpec, check_tokenizers_compatible, completion_logits
@@ -34,6 +35,7 @@ from lit_opd.objectives import divergences as D
 from lit_opd.objectives.components import Divergence, Objective
 from lit_opd.objectives.paths import answered_only, score_teacher, token_terms
 from lit_opd.objectives.sampled import mismatch_kl
+from lit_opd.rollout.settings import generator_seed
 from lit_opd.teachers.base import Teacher, check_capability
 from lit_opd.types import RolloutBatch, TeacherOutput
 
@@ -87,12 +89,12 @@ class OPDModule(TaughtModule):
     def _check_mix(self, objective: Objective, teacher: Teacher, lmbda: float, seq_kd: bool) -> None:
         name = type(self).__name__
         if not 0.0 <= lmbda <= 1.0:
-            raise ValueError(f"{name}.lmbda={lmbda} must be in [0, 1]")
+            raise SettingError(f"{name}.lmbda={lmbda} must be in [0, 1]")
         if seq_kd and teacher.generator() is None:
-            raise ValueError(f"{name}.seq_kd=True needs a teacher that can generate locally (HFTeacher); "
+            raise SettingError(f"{name}.seq_kd=True needs a teacher that can generate locally (HFTeacher); "
                              f"{type(teacher).__name__} cannot")
         if objective.needs_sampler_logp() and lmbda < 1.0 and not seq_kd:
-            raise ValueError(
+            raise SettingError(
                 f"{name}.lmbda < 1 mixes in dataset completions, which have no sampler log-probs; the "
                 f"objective {objective.component_class().__name__} needs them. Use objective Divergence or "
                 "lmbda=1."
@@ -102,7 +104,7 @@ class OPDModule(TaughtModule):
     def completion_source(self) -> str:
         if self.lmbda >= 1.0:
             return "student"
-        draw = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        draw = torch.Generator().manual_seed(generator_seed(self.seed * 1_000_003 + self.global_step))
         if torch.rand(1, generator=draw).item() <= self.lmbda:
             return "student"
         return "teacher" if self.seq_kd else "dataset"
@@ -112,13 +114,11 @@ class OPDModule(TaughtModule):
         return self.teacher.generator()
 
     # ----- the step -------------------------------------------------------------------------
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
-        teacher_out = self.score_teacher(batch)
-        loss, metrics = self.loss(batch, teacher_out)
+    def compute_loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
+        """The teacher's judgement of the rollout, the objective on it, and the rollout's diagnostics."""
+        loss, metrics = self.loss(batch, self.score_teacher(batch))
         metrics.update(self.rollout_metrics(batch))
-        self.log_rollout(batch, {"loss": loss.detach(), **metrics})
-        self.log_teacher_stats(batch)
-        return loss
+        return loss, metrics
 
 
     def rollout_metrics(self, batch: RolloutBatch) -> dict[str, torch.Tensor | float]:
@@ -148,10 +148,6 @@ class OPDModule(TaughtModule):
             if batch.sampler_logp_BT is not None and batch.source == "student":
                 metrics["mismatch_kl"] = mismatch_kl(terms.student_logp_BT, batch.sampler_logp_BT, mask_BT)
         return loss, metrics
-
-    def score_loss(self, batch: RolloutBatch) -> torch.Tensor:
-        """The training loss on ``batch`` against the teacher, without an update (held-out scoring)."""
-        return self.loss(batch, self.score_teacher(batch))[0]
 
     @torch.no_grad()
     def reference_logp(self, batch: RolloutBatch) -> torch.Tensor:

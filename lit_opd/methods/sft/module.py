@@ -27,13 +27,8 @@ class SFTModule(PolicyModule):
     def completion_source(self) -> str:
         return "dataset"
 
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
-        self.log_rollout(batch, {"loss": loss.detach()})
-        return loss
-
-    def score_loss(self, batch: RolloutBatch) -> torch.Tensor:
-        return self.loss(batch)
+    def compute_loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
+        return self.loss(batch), {}
 
     def loss(self, batch: RolloutBatch) -> torch.Tensor:
         logits_BTV = completion_logits(self.student, batch)

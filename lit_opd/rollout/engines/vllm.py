@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import nn
 
-from lit_opd.errors import UserError
+from lit_opd.errors import SettingError, UserError
 from lit_opd.rollout.engines.base import RolloutEngine
 from lit_opd.rollout.engines.weights import hf_weights
 from lit_opd.rollout.sampling import SampleOutput
@@ -167,7 +167,7 @@ class VLLMEngine(RolloutEngine):
         engine_kwargs: dict | None = None,
     ) -> None:
         if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise ValueError(f"VLLMEngine.gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
+            raise SettingError(f"VLLMEngine.gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
         self.gpu_memory_utilization, self.max_model_len = gpu_memory_utilization, max_model_len
         self.dtype = dtype
         self.enforce_eager, self.sleep_between_rollouts = enforce_eager, sleep_between_rollouts

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_opd.errors import SettingError
 from lit_opd.rollout.engines.base import RolloutEngine
 from lit_opd.rollout.engines.vllm import (
     VLLMEngineError,
@@ -181,9 +182,9 @@ class VLLMServerEngine(RolloutEngine):
     ) -> None:
         self.urls = [u.rstrip("/").removesuffix("/v1") for u in ([urls] if isinstance(urls, str) else urls)]
         if not self.urls or not all(u.startswith(("http://", "https://")) for u in self.urls):
-            raise ValueError(f"VLLMServerEngine.urls={urls!r}: give server roots, e.g. http://127.0.0.1:8000")
+            raise SettingError(f"VLLMServerEngine.urls={urls!r}: give server roots, e.g. http://127.0.0.1:8000")
         if timeout <= 0 or concurrency < 1:
-            raise ValueError(f"VLLMServerEngine: timeout={timeout} must be > 0 and "
+            raise SettingError(f"VLLMServerEngine: timeout={timeout} must be > 0 and "
                              f"concurrency={concurrency} >= 1")
         self.sync_dir, self.timeout, self.concurrency = sync_dir, timeout, concurrency
         self.nccl_master_address, self.api_key_env = nccl_master_address, api_key_env

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[3]
 def run_bench(tmp_path: Path, *extra: str) -> list[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_effopd_regimes.py"), "--quick", "--out-dir", str(tmp_path),
-         "--results", str(tmp_path / "RESULTS.md"), *extra],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_effopd_regimes.py"), "--quick",
+         "--out-dir", str(tmp_path), "--results", str(tmp_path / "RESULTS.md"), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -49,5 +49,6 @@ def test_bench_effopd_regimes_quick(tmp_path: Path) -> None:
     assert not (tmp_path / "RESULTS.md").exists()
     # a second call finds every run cached and renders the same table and RESULT lines
     again = run_bench(tmp_path, "--report-only")
-    assert [line for line in again if line.startswith("| ")] == [line for line in lines if line.startswith("| ")]
+    tables = [[line for line in out if line.startswith("| ")] for out in (again, lines)]
+    assert tables[0] == tables[1]
     assert again[-2:] == lines[-2:]

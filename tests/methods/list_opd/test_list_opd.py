@@ -16,7 +16,7 @@ from lit_opd.methods.list_opd.calibration import binding_tail_ratios, encode_row
 from lit_opd.methods.list_opd import BaseRelativeClip, ListOPDModule, base_relative_ppo_loss
 from lit_opd.objectives import Divergence
 from lit_opd.rollout import ListPrompts, RolloutDataModule
-from lit_opd.rollout.datamodule import dataset_completions
+from lit_opd.rollout.prompts import dataset_completions
 from lit_opd.tasks import RankingTask
 from lit_opd.types import SamplingParams
 from tests.helpers import make_module, make_rollout_batch, make_tiny_model, make_trainer

@@ -152,3 +152,17 @@ def test_bad_debate_texts_name_the_template(settings, message):
 def test_bad_debate_settings_name_the_setting(settings, message):
     with pytest.raises(ValueError, match=message):
         DebateSettings(**settings)
+
+
+def test_the_debate_renders_its_prompts_with_the_datamodules_template_variables():
+    from lit_opd.rollout.prompts import PromptTokenizer
+    from lit_opd.tasks import char_tokenizer
+
+    tok = char_tokenizer(chat_template=True)
+    tok.chat_template = "{% if brief %}b{% endif %}{{ messages[0]['content'] }}"
+    a, b = _pair(tok)
+    module = MADOPDModule(make_tiny_model(len(tok), 32, 2, seed=0), {"a": a, "b": b}, tokenizer=tok)
+    assert module._render("1+1=") == "1+1="
+    module.connect_prompts(PromptTokenizer(tok, 64, "error", True, None, chat_template_kwargs={"brief": True}),
+                           [], [])
+    assert module._render("1+1=") == "b1+1=" and tok.decode(module._context_ids("1+1=")) == "b1+1="

@@ -120,6 +120,18 @@ def test_teacher_is_asked_once_per_batch_for_the_text_before_each_chunk_in_order
     assert verdicts.k_sem_A.tolist() == [4.0, 0.0, 4.0] and verdicts.answered_A.tolist() == [4.0] * 3
 
 
+def test_a_chat_row_reaches_the_teacher_with_its_roles():
+    """A row rendered by a chat template keeps its conversation for a chat-mode teacher (system and
+    user turns, the student's partial answer) instead of one flattened string."""
+    teacher = RecordingTeacher(TEACHER)
+    module = OmniOPDModule(STUDENT, teacher, objective=_objective(num_continuations=1, teacher_temperature=0.0))
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "63+4="}]
+    batch = make_rollout_batch(module.tokenizer, ["63+4="], ["7612"], rows=[{"prompt_messages": conversation}])
+    module.verify(batch, [[2]])
+    (prefix,), _ = teacher.asked[0]
+    assert prefix.messages == conversation and prefix.response == "76"
+
+
 def test_query_seed_follows_the_global_step_and_rank():
     module = OmniOPDModule(STUDENT, HFTextTeacher(TEACHER), seed=5)
     assert module.query_seed() == 5 * 1_000_003 * 4099  # step 0, rank 0, outside a trainer

@@ -10,7 +10,7 @@ import pytest
 
 from lit_opd.rollout.prompts import PromptTokenizer, collate_prompts
 from lit_opd.rollout.sources import JsonlPrompts, TaskPrompts, check_row
-from lit_opd.methods.list_opd.ranking import (
+from lit_opd.tasks.ranking import (
     RankingTask,
     ndcg_at_k,
     parse_ranking,

@@ -1,4 +1,4 @@
-"""Listwise JSON ranking: a near-deterministic structured output for ListOPD (README.md here).
+"""Listwise JSON ranking: a near-deterministic structured output for ListOPD (lit_opd/methods/list_opd/README.md).
 
 A row asks for the K candidates ordered by relevance to a query, answered under a strict JSON
 contract. A tiny character-level model can learn it: ids are the first K lowercase letters, each
@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torchmetrics.functional.retrieval import retrieval_normalized_dcg
 
+from lit_opd.errors import SettingError
 from lit_opd.tasks.base import Task
 
 ANSWER_KEY = "ranking"
@@ -48,7 +49,7 @@ def serialise_ranking(ids: Sequence[str]) -> str:
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     keys = [key for key, _ in pairs]
     if len(set(keys)) != len(keys):
-        raise ValueError(f"duplicate keys {keys}")
+        raise SettingError(f"duplicate keys {keys}")
     return dict(pairs)
 
 
@@ -59,7 +60,7 @@ def parse_ranking(text: str, candidate_ids: Sequence[str], k: int) -> list[str] 
     ``{"ranking": [id_1, ..., id_k]}`` with exactly ``k`` distinct strings, each in ``candidate_ids``.
     """
     if k < 1:
-        raise ValueError(f"k={k!r} must be >= 1")
+        raise SettingError(f"k={k!r} must be >= 1")
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except ValueError:  # json.JSONDecodeError is a ValueError, and so is a duplicate key
@@ -83,14 +84,14 @@ def ndcg_at_k(pred: Sequence[str], reference_relevance: Mapping[str, int], k: in
     torchmetrics accumulates in float32, so a perfect ranking gives 1 to within ~1e-7.
     """
     if k < 1:
-        raise ValueError(f"k={k!r} must be >= 1")
+        raise SettingError(f"k={k!r} must be >= 1")
     unknown = [i for i in pred if i not in reference_relevance]
     if unknown or len(set(pred)) != len(pred):
-        raise ValueError(f"pred={list(pred)!r} must hold distinct ids of reference_relevance")
+        raise SettingError(f"pred={list(pred)!r} must hold distinct ids of reference_relevance")
     ids = list(reference_relevance)
     rel = [reference_relevance[i] for i in ids]
     if not all(isinstance(r, int) and r >= 0 for r in rel):
-        raise ValueError(f"reference_relevance values must be non-negative ints, got {rel}")
+        raise SettingError(f"reference_relevance values must be non-negative ints, got {rel}")
     position = {item: i for i, item in enumerate(pred)}
     scores = [float(len(pred) - position[i]) if i in position else 0.0 for i in ids]
     ndcg = retrieval_normalized_dcg(torch.tensor(scores), torch.tensor(rel, dtype=torch.long), top_k=k)
@@ -137,7 +138,7 @@ def _reference_ids(answer: str) -> list[str]:
         obj = None
     ids = obj.get(ANSWER_KEY) if isinstance(obj, dict) else None
     if not isinstance(ids, list) or not ids or parse_ranking(answer, ids, len(ids)) is None:
-        raise ValueError(f"answer={answer!r} is not a reference ranking like {serialise_ranking(['a', 'b'])}")
+        raise SettingError(f"answer={answer!r} is not a reference ranking like {serialise_ranking(['a', 'b'])}")
     return ids
 
 
@@ -155,10 +156,10 @@ class RankingTask(Task):
 
     def __init__(self, k: int = 8, colors: str = "RGBY") -> None:
         if not 2 <= k <= MAX_K:
-            raise ValueError(f"RankingTask needs 2 <= k <= {MAX_K}, got k={k}")
+            raise SettingError(f"RankingTask needs 2 <= k <= {MAX_K}, got k={k}")
         distinct = len(set(colors)) == len(colors) >= 2
         if not distinct or not set(colors) <= set(string.ascii_uppercase):
-            raise ValueError(f"RankingTask.colors={colors!r} must be at least 2 distinct uppercase letters")
+            raise SettingError(f"RankingTask.colors={colors!r} must be at least 2 distinct uppercase letters")
         self.k = k
         self.colors = colors
         self.ids = list(string.ascii_lowercase[:k])
