@@ -13,7 +13,8 @@ inputs exist (CPU) or ``torch.cuda.max_memory_allocated`` growth (GPU). Values a
 every path are checked against the naive one.
 
     python benchmarks/bench_divergence.py            # V = 32k and 151k, T = 512, H = 1024
-    python benchmarks/bench_divergence.py --quick    # small sizes, seconds
+    python benchmarks/bench_divergence.py --quick    # small sizes, seconds; records nothing
+    python benchmarks/bench_divergence.py --no-record    # full sizes; RESULTS.md and divergence.png untouched
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, add_record_options, arg_parser, print_result, pyplot, record
+
 PATHS = ("naive", "chunked_logits", "lean_hidden")
 
 
@@ -59,12 +61,14 @@ def worker(path: str, V: int, T: int, H: int, chunk: int, device: str) -> dict:
 
     def run() -> torch.Tensor:
         if path == "lean_hidden":
-            loss = hidden_divergence(s_h, s_w, t_h, t_w, ids, mask, kind="jsd", beta=0.5, chunk_size=chunk).loss
+            loss = hidden_divergence(s_h, s_w, t_h, t_w, ids, mask, kind="jsd", beta=0.5,
+                                     chunk_size=chunk).loss
         else:
             s_logits = s_h @ s_w.T
             with torch.no_grad():
                 t_logits = t_h @ t_w.T
-            loss = D.generalized_jsd(s_logits, t_logits, 0.5, mask, chunk_size=chunk if path != "naive" else None)
+            chunks = chunk if path != "naive" else None
+            loss = D.generalized_jsd(s_logits, t_logits, 0.5, mask, chunk_size=chunks)
         loss.backward()
         return loss.detach()
 
@@ -88,7 +92,8 @@ def worker(path: str, V: int, T: int, H: int, chunk: int, device: str) -> dict:
 def measure(path: str, V: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", path, "--V", str(V), "--T", str(args.T), "--H", str(args.H),
            "--chunk", str(args.chunk), "--device", args.device]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -101,11 +106,7 @@ def compare(row: dict, ref: dict) -> float:
 
 
 def plot(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     vocabs = sorted({r["V"] for r in rows})
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     width = 0.27
@@ -123,19 +124,22 @@ def plot(rows: list[dict], out: Path) -> None:
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"\n## Memory-lean divergence — {datetime.date.today()} — {args.machine}\n",
              f"`python benchmarks/bench_divergence.py` (T = {args.T}, H = {args.H}, chunk = {args.chunk}, "
-             f"JSD β = 0.5, forward + backward, fp32, device {args.device}). Peak = growth of peak memory over "
-             "the inputs (student/teacher hidden states and output layers). Plot: `benchmarks/divergence.png`.\n",
-             "| V | path | peak (MiB) | peak / naive | time (s) | max rel. diff vs naive |", "|---|---|---|---|---|---|"]
+             f"JSD β = 0.5, forward + backward, fp32, device {args.device}). Peak = growth of peak memory "
+             "over the inputs (student/teacher hidden states and output layers). Plot: "
+             "`benchmarks/divergence.png`.\n",
+             "| V | path | peak (MiB) | peak / naive | time (s) | max rel. diff vs naive |",
+             "|---|---|---|---|---|---|"]
     for V in sorted({r["V"] for r in rows}):
         ref = next(r for r in rows if r["V"] == V and r["path"] == "naive")
         for r in (r for r in rows if r["V"] == V):
-            lines.append(f"| {V:,} | {r['path']} | {r['peak_mib']:.0f} | {r['peak_mib'] / ref['peak_mib']:.3f} | "
-                         f"{r['seconds']:.2f} | {compare(r, ref):.1e} |")
+            ratio = r["peak_mib"] / ref["peak_mib"]
+            lines.append(f"| {V:,} | {r['path']} | {r['peak_mib']:.0f} | {ratio:.3f} | {r['seconds']:.2f} | "
+                         f"{compare(r, ref):.1e} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--worker", choices=PATHS)
     parser.add_argument("--V", type=int, default=0)
     parser.add_argument("--vocabs", default="32000,151936")
@@ -144,7 +148,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="V = 4k and 8k, T = 128, H = 128")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    add_record_options(parser, " and benchmarks/divergence.png")
     parser.add_argument("--machine", default="2-core CPU")
     args = parser.parse_args()
     if args.worker:
@@ -157,12 +161,11 @@ def main() -> None:
     print(table)
     if not args.no_record and not args.quick:
         plot(rows, ROOT / "benchmarks" / "divergence.png")
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
-            fh.write(table)
+        record(args, table)
     V_max = max(r["V"] for r in rows)
     naive = next(r for r in rows if r["V"] == V_max and r["path"] == "naive")
     lean = next(r for r in rows if r["V"] == V_max and r["path"] == "lean_hidden")
-    print(f"RESULT divergence_peak_memory_ratio {lean['peak_mib'] / naive['peak_mib']:.4f}")
+    print_result("divergence_peak_memory_ratio", lean["peak_mib"] / naive["peak_mib"])
 
 
 if __name__ == "__main__":

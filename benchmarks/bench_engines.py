@@ -14,8 +14,8 @@ over several calls per model, and one OPD step with each engine: a Trainer fit o
 recipe (``configs/opd/vllm.yaml``: quickstart teacher, student ``assets/addition/student_h32``, batch 64,
 6 new tokens), median of ``time/rollout_s`` and ``time/train_s`` as the module logs them.
 
-    python benchmarks/bench_engines.py              # the full run: ~6 minutes on 2 idle cores, appends
-                                                    # to RESULTS.md and writes engines.png
+    python benchmarks/bench_engines.py              # the full run: ~6 minutes on 2 idle cores, writes
+                                                    # its section of RESULTS.md and engines.png
     python benchmarks/bench_engines.py --no-record  # the same, RESULTS.md and engines.png untouched
     python benchmarks/bench_engines.py --quick      # smoke test (~30 s): quickstart teacher only, batch 4,
                                                     # 8 tokens, 2 OPD steps per engine; records nothing
@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from common import add_record_options, arg_parser, print_result, pyplot, record, step_timer, trainer  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 from lit_opd import HFTeacher, OPDModule, RolloutDataModule, TaskPrompts  # noqa: E402
@@ -170,16 +171,6 @@ class StepLog(L.pytorch.loggers.Logger):
         pass
 
 
-class StepClock(L.Callback):
-    """Wall time between consecutive step ends: prompt fetch, rollout, teacher, update and logging."""
-
-    def __init__(self) -> None:
-        self.ends: list[float] = [time.perf_counter()]
-
-    def on_train_batch_end(self, *args) -> None:  # noqa: ANN002
-        self.ends.append(time.perf_counter())
-
-
 def opd_steps(engine_name: str, steps: int, skip: int) -> dict:
     """A few OPD steps of the quickstart recipe through one engine; medians after ``skip`` steps."""
     engine = VLLMEngine(dtype="float32") if engine_name == "vllm" else BuiltinEngine()
@@ -189,13 +180,11 @@ def opd_steps(engine_name: str, steps: int, skip: int) -> dict:
     task = AdditionTask(max_digits=3, reverse_answer=True)
     data = RolloutDataModule(TaskPrompts(task, num_rows=20000, seed=4), val_size=0, batch_size=64,
                              sampling=SamplingParams(max_new_tokens=6), seed=0, engine=engine)
-    log, clock = StepLog(), StepClock()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=log, log_every_n_steps=1,
-                        callbacks=[clock], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, data)
+    log, clock = StepLog(), step_timer()  # wall time between step ends: fetch, rollout, teacher, update, logs
+    trainer(steps, [clock], logger=log, log_every_n_steps=1).fit(module, data)
     rows = [r for r in log.rows if "time/rollout_s" in r][skip:]
-    walls = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    ends = [clock.created, *clock.ends]  # the first step's time includes the engine's build
+    walls = [b - a for a, b in zip(ends, ends[1:])]
     result = {"engine": engine_name, "steps": len(rows), "first_s": walls[0],
               "step_s": statistics.median(walls[skip:]),
               "rollout_s": statistics.median(r["time/rollout_s"] for r in rows),
@@ -206,11 +195,7 @@ def opd_steps(engine_name: str, steps: int, skip: int) -> dict:
 
 
 def plot(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -287,10 +272,9 @@ def report(rows: list[dict], syncs: list[dict], opd: list[dict], args: argparse.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="teacher only, batch 4, 8 tokens; no record")
-    parser.add_argument("--no-record", action="store_true", help="leave RESULTS.md and engines.png untouched")
+    add_record_options(parser, " and engines.png")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--syncs", type=int, default=7)
     parser.add_argument("--opd-steps", type=int, default=12)
@@ -317,10 +301,9 @@ def main() -> None:
     print(table)
     if not (args.no_record or args.quick):
         plot(rows, ROOT / "benchmarks" / "engines.png")
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
-            fh.write(table)
+        record(args, table)
     target = [r for r in rows if r["batch"] == (4 if args.quick else 64)][-1]
-    print(f"RESULT vllm_rollout_speedup_vs_builtin {target['vllm'] / target['builtin']:.3f}")
+    print_result("vllm_rollout_speedup_vs_builtin", target["vllm"] / target["builtin"], digits=3)
 
 
 if __name__ == "__main__":

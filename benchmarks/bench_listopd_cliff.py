@@ -2,7 +2,7 @@
 
     python benchmarks/bench_listopd_cliff.py               # 7 λ (+1 far) x 3 seeds x 30 steps
     python benchmarks/bench_listopd_cliff.py --quick       # smoke run (~2 min once models are cached)
-    python benchmarks/bench_listopd_cliff.py --no-record   # full run, no RESULTS.md section
+    python benchmarks/bench_listopd_cliff.py --no-record   # full run; RESULTS.md untouched
     python benchmarks/bench_listopd_cliff.py --report-only --notes FILE   # re-render from saved runs
 
 Time on one CPU thread (2-core dev machine): ~6 min to train the pair (cached afterwards under
@@ -29,9 +29,10 @@ Setup (RankingTask K=4, char tokenizer, all on CPU with one torch thread):
    structural positions, base anchor) gives λ*, p, b and the binding position.
 4. **Grid**: λ = λ*·(1 + 0.1 k), k = −3..3 (``--grid-frac``, ``--grid-half``); the predicted λ* is
    the middle grid point. ``--wide`` adds points far above it (default 4λ*), reported apart and
-   not used for the onset. Per λ and seed (``--seeds``): ``ListOPDModule(lambda_=λ, objective=BaseRelativeClip(clip=0.2),
-   lambda_star=λ*, allow_above_cliff=True)``, ``--steps`` steps of batch 32, AdamW lr 3e-4,
-   rollouts at temperature 1 (RolloutDataModule seed = run seed, training prompts TaskPrompts seed 15).
+   not used for the onset. Per λ and seed (``--seeds``): ``ListOPDModule(lambda_=λ,
+   objective=BaseRelativeClip(clip=0.2), lambda_star=λ*, allow_above_cliff=True)``, ``--steps`` steps
+   of batch 32, AdamW lr 3e-4, rollouts at temperature 1 (RolloutDataModule seed = run seed, training
+   prompts TaskPrompts seed 15).
 5. **Measured after the last step**, on 256 held-out prompts (TaskPrompts seed 12, disjoint from
    training by seed): strict parse rate and mean NDCG@1 on parsed outputs, for **sampled**
    completions (temperature 1, the distribution training moves) and **greedy** ones. The SFT warm
@@ -58,12 +59,22 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
 
-import lightning as L
-import torch
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    add_record_options,
+    arg_parser,
+    print_result,
+    record,
+    save_student,
+    trainer,
+    with_notes,
+)
+from listopd_cliff_analysis import analyse, fmt_onset, plot, table  # noqa: E402
 
-from lit_opd import (
+from lit_opd import (  # noqa: E402
     BaseRelativeClip,
     HFTeacher,
     ListOPDModule,
@@ -73,21 +84,16 @@ from lit_opd import (
     SFTModule,
     TaskPrompts,
 )
-from lit_opd.methods.list_opd.calibration import calibrate
-from lit_opd.methods.list_opd.cliff import lambda_star
-from lit_opd.methods.list_opd.module import ranking_score
+from lit_opd.methods.list_opd.calibration import calibrate  # noqa: E402
+from lit_opd.methods.list_opd.cliff import lambda_star  # noqa: E402
+from lit_opd.methods.list_opd.module import ranking_score  # noqa: E402
 from lit_opd.models import freeze, load_causal_lm, load_tokenizer  # noqa: E402
-from lit_opd.tasks import RankingTask
+from lit_opd.tasks import RankingTask  # noqa: E402
 
 K, CLIP, CAL_ROWS, CAL_SEED, VAL_SEED = 4, 0.2, 64, 13, 12
 TASK = RankingTask(k=K)
-ENGINE = "hf"  # the recorded run sampled with the model's own forward; "auto" draws the same distribution faster
-
-
-def trainer(steps: int, callbacks: list | None = None) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                     num_sanity_val_steps=0, callbacks=callbacks or [])
+# The recorded run sampled with the model's own forward; "auto" draws the same distribution faster.
+ENGINE = "hf"
 
 
 def sft(config: str, out: Path, steps: int, data_seed: int) -> float:
@@ -102,15 +108,15 @@ def sft(config: str, out: Path, steps: int, data_seed: int) -> float:
     data = RolloutDataModule(TaskPrompts(TASK, num_rows=20000, seed=data_seed), val_size=0, batch_size=64,
                              sampling=SamplingParams(max_new_tokens=32, decode_step=ENGINE))
     trainer(steps).fit(module, data)
-    module.student.save_pretrained(out)
-    module.tokenizer.save_pretrained(out)
+    save_student(module, out)
     seconds = time.perf_counter() - started
     print(f"[trained] {out}: {steps} SFT steps in {seconds:.0f} s")
     return seconds
 
 
 def calibrate_at(teacher: Path, temperature: float, base: torch.nn.Module, tok):  # noqa: ANN001, ANN201
-    """The library's calibration of ``HFTeacher(teacher, temperature=τ)`` (its scoring model) against ``base``."""
+    """The library's calibration of ``HFTeacher(teacher, temperature=τ)`` (its scoring model) against
+    ``base``."""
     scorer = HFTeacher(str(teacher), tok, temperature=temperature).scoring_model()
     return calibrate(scorer, base, tok, TASK.make_rows(CAL_ROWS, CAL_SEED), c=CLIP)
 
@@ -169,11 +175,12 @@ def evaluate(module, data: RolloutDataModule, rows: list[dict], seed: int) -> di
     return out
 
 
-def datamodule(seed: int, val_rows: int) -> RolloutDataModule:
+def datamodule(seed: int, val_rows: int, tokenizer: str | None = None) -> RolloutDataModule:
     return RolloutDataModule(
         TaskPrompts(TASK, num_rows=20000, seed=15),
         val_source=TaskPrompts(TASK, num_rows=val_rows, seed=VAL_SEED), batch_size=32, val_batch_size=256,
         sampling=SamplingParams(max_new_tokens=32, temperature=1.0, decode_step=ENGINE), seed=seed,
+        tokenizer=tokenizer,
     )
 
 
@@ -182,8 +189,7 @@ def warm_start_level(student: Path, val_rows: int, seeds: list[int]) -> dict:
     rows = TASK.make_rows(val_rows, VAL_SEED)
     per_seed = []
     for seed in seeds:
-        data = datamodule(seed, val_rows)
-        data.tokenizer = module.tokenizer
+        data = datamodule(seed, val_rows, tokenizer=str(student))  # encoded up front: no trainer here
         data.setup("fit")
         per_seed.append(evaluate(module, data, rows, seed))
     return {key: statistics.median(r[key] for r in per_seed) for key in per_seed[0]}
@@ -195,7 +201,8 @@ class History(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = trainer.callback_metrics
-        keys = ("train/parse_valid", "train/tail_ratio", "train/tail_ratio_min", "train/clip_frac", "train/loss")
+        keys = ("train/parse_valid", "train/tail_ratio", "train/tail_ratio_min", "train/clip_frac",
+                "train/loss")
         self.steps.append({k: float(metrics[k]) for k in keys if k in metrics})
 
 
@@ -226,86 +233,6 @@ def run_one(args: argparse.Namespace, teacher: Path, student: Path, tau: float, 
     return result
 
 
-# ----- analysis ----------------------------------------------------------------------------------
-def medians(runs: list[dict], grid: list[float], key: str) -> list[float]:
-    return [statistics.median(r[key] for r in runs if r["lam"] == lam) for lam in grid]
-
-
-def onset_index(levels: list[float], drop: float = 0.10) -> int | None:
-    """First grid index whose level is ≥ ``drop`` below the level at the smallest λ; None if none."""
-    return next((i for i, v in enumerate(levels) if v <= levels[0] - drop), None)
-
-
-def seed_onsets(runs: list[dict], grid: list[float], key: str) -> dict[int, int | None]:
-    seeds = sorted({r["seed"] for r in runs})
-    return {s: onset_index([next(r[key] for r in runs if r["seed"] == s and r["lam"] == lam) for lam in grid])
-            for s in seeds}
-
-
-def fmt_onset(index: int | None, grid: list[float]) -> str:
-    return "none in grid" if index is None else f"λ={grid[index]:.4f} (index {index})"
-
-
-def table(runs: list[dict], grid: list[float], lam_star: float, centre: int | None, warm: dict) -> str:
-    """Markdown: the warm start, then per grid λ the seed medians (sampled parse per seed too)."""
-    head = ("| λ | λ/λ* | parse sampled: median (per seed) | parse greedy | NDCG@1 sampled | NDCG@1 greedy "
-            "| tail ratio at end | clip frac |")
-    lines = [head, "|---|---|---|---|---|---|---|---|",
-             f"| SFT warm start | — | {warm['parse_sampled']:.3f} | {warm['parse_greedy']:.3f} | "
-             f"{warm['ndcg_sampled']:.3f} | {warm['ndcg_greedy']:.3f} | 1 | — |"]
-    for i, lam in enumerate(grid):
-        rs = sorted((r for r in runs if r["lam"] == lam), key=lambda r: r["seed"])
-
-        def med(key: str, rs: list[dict] = rs) -> float:
-            return statistics.median(r[key] for r in rs)
-
-        seeds = ", ".join(f"{r['parse_sampled']:.3f}" for r in rs)
-        mark = " **(λ*)**" if i == centre else ""
-        lines.append(f"| {lam:.4f}{mark} | {lam / lam_star:.2f} | {med('parse_sampled'):.3f} ({seeds}) | "
-                     f"{med('parse_greedy'):.3f} | {med('ndcg_sampled'):.3f} | {med('ndcg_greedy'):.3f} | "
-                     f"{med('tail_ratio'):.3f} | {statistics.mean(r['clip_frac'] for r in rs):.3f} |")
-    return "\n".join(lines)
-
-
-def plot(runs: list[dict], grid: list[float], lam_star: float, warm: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    seeds = sorted({r["seed"] for r in runs})
-    panels = ((axes[0], "parse", "strict parse rate"), (axes[1], "ndcg", "NDCG@1 on parsed outputs"))
-    for ax, metric, label in panels:
-        for mode, colour in (("sampled", "tab:blue"), ("greedy", "tab:orange")):
-            key = f"{metric}_{mode}"
-            for s in seeds:
-                ys = [next(r[key] for r in runs if r["seed"] == s and r["lam"] == lam) for lam in grid]
-                ax.plot(grid, ys, color=colour, alpha=0.3, lw=1)
-            ax.plot(grid, medians(runs, grid, key), color=colour, lw=2.2, marker="o",
-                    label=f"{mode}: seed median")
-            ax.axhline(warm[key], color=colour, ls=":", lw=1.5, label=f"{mode}: SFT warm start")
-        ax.axvline(lam_star, color="k", ls="--", lw=1.2, label=f"predicted λ* = {lam_star:.3f}")
-        if max(grid) / min(grid) > 2.5:  # points far above λ*: a log axis keeps the fine grid readable
-            ax.set_xscale("log")
-            ticks = (0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8)
-            ax.set_xticks([t for t in ticks if min(grid) * 0.9 <= t <= max(grid) * 1.1])
-            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("λ (reward extrapolation)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    for ax in axes:
-        ax.set_ylim(-0.02, 1.02)
-    axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"ListOPD on RankingTask K={K}: {len(seeds)} seeds (thin lines), "
-                 f"{len(runs) // len(seeds)} λ values, held-out prompts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def section(args: argparse.Namespace, res: dict, onsets: dict) -> str:
     """The dated RESULTS.md section (``res``: what ``measure`` saved; ``onsets``: from ``analyse``)."""
     cal, grid, centre, warm, runs = res["calibration"], res["grid"], res["centre"], res["warm"], res["runs"]
@@ -314,8 +241,9 @@ def section(args: argparse.Namespace, res: dict, onsets: dict) -> str:
     trace = ", ".join(f"τ={t:.4f}→λ*={lam:.3g}" for t, lam in res["trace"])
     how = "fixed" if res["fixed_tau"] else f"bisected for a calibrated λ* of {res['target']}"
     command = " ".join(["python benchmarks/bench_listopd_cliff.py", *res["argv"]])
-    trained = (f"model training {res['train_seconds'] / 60:.1f} min of it (models cached in `{res['out_dir']}`)"
-               if res["train_seconds"] else f"models loaded from the cache in `{res['out_dir']}` (no training)")
+    cache = res["out_dir"]
+    trained = (f"model training {res['train_seconds'] / 60:.1f} min of it (models cached in `{cache}`)"
+               if res["train_seconds"] else f"models loaded from the cache in `{cache}` (no training)")
     wide = ""
     if res["wide_grid"]:
         wide = "\n\nFar above λ* (same settings; not part of the onset grid):\n\n" + table(
@@ -325,38 +253,30 @@ def section(args: argparse.Namespace, res: dict, onsets: dict) -> str:
 
 `{command}`: {res['total_seconds'] / 60:.1f} min in all; {trained}.
 
-- **Pair**: teacher configs/models/ranking-teacher (4 layers, h128), SFT {res['teacher_steps']} steps; warm start \
-configs/models/ranking-student (3 layers, h96), SFT {res['student_steps']} steps; RankingTask K={K}.
-- **Teacher scoring temperature** τ = {res['tau']:.4f} (`HFTeacher(temperature=τ)`; calibration measures the same \
-distribution), {how}: {trace}.
-- **Calibration** ({CAL_ROWS} teacher-forced rows, c = {CLIP}, structural positions): **λ* = {cal['lambda_star']:.4f}**, \
-binding position {cal['binding_position']} (`{cal['binding_token']}`), median p = {cal['p']:.6f} and \
-b = {cal['b']:.6f} there: (1−p)/(1−b) = {cal['rho']:.3f} against 1 − c = {1 - CLIP}. At τ = 1: λ* = {res['trace'][0][1]:.4g}. \
-Diagnostic: with the band read two-sided (where p < b the tail ratio may not exceed 1 + c; \
-`two_sided_lambda_star`), λ* would be {cal['two_sided']:.4g}.
+- **Pair**: teacher configs/models/ranking-teacher (4 layers, h128), SFT {res['teacher_steps']} steps; warm \
+start configs/models/ranking-student (3 layers, h96), SFT {res['student_steps']} steps; RankingTask K={K}.
+- **Teacher scoring temperature** τ = {res['tau']:.4f} (`HFTeacher(temperature=τ)`; calibration measures \
+the same distribution), {how}: {trace}.
+- **Calibration** ({CAL_ROWS} teacher-forced rows, c = {CLIP}, structural positions): **λ* = \
+{cal['lambda_star']:.4f}**, binding position {cal['binding_position']} (`{cal['binding_token']}`), median p \
+= {cal['p']:.6f} and b = {cal['b']:.6f} there: (1−p)/(1−b) = {cal['rho']:.3f} against 1 − c = {1 - CLIP}. \
+At τ = 1: λ* = {res['trace'][0][1]:.4g}. Diagnostic: with the band read two-sided (where p < b the tail \
+ratio may not exceed 1 + c; `two_sided_lambda_star`), λ* would be {cal['two_sided']:.4g}.
 - **ListOPD**: {res['steps']} steps per run, batch 32, AdamW lr {res['lr']}, clip c = {CLIP}; seeds \
 {', '.join(map(str, res['seeds']))}; grid λ = λ*·(1 + {res['grid_frac']}k), k = −{centre}..{centre}.
-- **Measured** after the last step on {res['val_rows']} held-out prompts, for sampled (temperature 1) and greedy \
-completions. Tail ratio = (1 − Q_C)/(1 − b) at the binding positions of {res['tail_rows']} calibration prompts, \
-median of the last 5 steps (clip-safe: ≥ {1 - CLIP}).
+- **Measured** after the last step on {res['val_rows']} held-out prompts, for sampled (temperature 1) and \
+greedy completions. Tail ratio = (1 − Q_C)/(1 − b) at the binding positions of {res['tail_rows']} \
+calibration prompts, median of the last 5 steps (clip-safe: ≥ {1 - CLIP}).
 
 {table(runs, grid, cal["lambda_star"], centre, warm)}{wide}
 
 Onset = the first grid λ where the seed-median parse rate is ≥ 10 points below its value at the smallest λ. \
-Sampled: {fmt_onset(s_on, grid)}; greedy: {fmt_onset(g_on, grid)}; per seed (sampled): {per_seed}. \
-The predicted λ* is grid index {centre}. \
-**RESULT listopd_onset_error {onsets['error']}**{' (no onset in the grid: a lower bound)' if s_on is None else ''}.
+Sampled: {fmt_onset(s_on, grid)}; greedy: {fmt_onset(g_on, grid)}; per seed (sampled): {per_seed}. The \
+predicted λ* is grid index {centre}. **RESULT listopd_onset_error \
+{onsets['error']}**{' (no onset in the grid: a lower bound)' if s_on is None else ''}.
 
 ![ListOPD cliff: parse rate and NDCG@1 against λ](listopd_cliff.png)
 """
-
-
-def analyse(res: dict) -> dict:
-    grid, centre, runs = res["grid"], res["centre"], res["runs"]
-    s_on = onset_index(medians(runs, grid, "parse_sampled"))
-    g_on = onset_index(medians(runs, grid, "parse_greedy"))
-    return {"sampled": s_on, "greedy": g_on, "per_seed": seed_onsets(runs, grid, "parse_sampled"),
-            "error": abs(s_on - centre) if s_on is not None else len(grid) - centre}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -395,14 +315,13 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 3 λ, 4 steps; no RESULTS.md")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+def parse_args() -> argparse.Namespace:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 3 λ, 4 steps; no RESULTS.md")
+    add_record_options(parser)
     parser.add_argument("--report-only", action="store_true", help="re-render from --out-dir/results.json")
     parser.add_argument("--notes", type=Path, default=None, help="Markdown analysis appended to the section")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench_listopd")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "listopd_cliff.png")
     parser.add_argument("--teacher-steps", type=int, default=200)
     parser.add_argument("--student-steps", type=int, default=250)
@@ -426,7 +345,13 @@ def main() -> None:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.grid_frac <= 0 or args.grid_half < 1 or args.grid_frac * args.grid_half >= 1:
-        raise SystemExit(f"--grid-frac {args.grid_frac} / --grid-half {args.grid_half}: need 0 < frac·half < 1")
+        raise SystemExit(f"--grid-frac {args.grid_frac} / --grid-half {args.grid_half}: "
+                         "need 0 < frac·half < 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(1)
     saved = args.out_dir / ("results_quick.json" if args.quick else "results.json")
     if args.report_only:
@@ -437,15 +362,11 @@ def main() -> None:
     onsets = analyse(res)
     print(res["calibration"]["table"])
     lam_star = res["calibration"]["lambda_star"]
-    plot(res["runs"], res["grid"] + res["wide_grid"], lam_star, res["warm"], args.plot)
-    text = section(args, res, onsets)
+    plot(res["runs"], res["grid"] + res["wide_grid"], lam_star, res["warm"], args.plot, K)
+    text = with_notes(section(args, res, onsets), args.notes)
     print(text)
-    if not args.no_record:
-        notes = args.notes.read_text() if args.notes else ""
-        with args.results.open("a") as f:
-            f.write(text + ("\n" + notes if notes else ""))
-        print(f"appended to {args.results}")
-    print(f"RESULT listopd_onset_error {onsets['error']}")
+    record(args, text)
+    print_result("listopd_onset_error", onsets["error"])
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 quickstart task split into two halves; plus ``debate_sharp``, the same debate with a sharper
 confidence temperature.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py                   # ~49 min on one shared CPU core (2026-12-06)
-    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py --quick           # smoke test, < 1 min, no RESULTS.md
-    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py --opad-log FILE   # also quote bench_opad.py's output
+    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py                  # ~49 min, 1 shared core, 2026-12-06
+    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py --quick          # smoke test, < 1 min, no RESULTS.md
+    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py --no-record      # the full run; RESULTS.md untouched
+    OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py --opad-log FILE  # also quote bench_opad.py's output
 
 Everything is built here, nothing is downloaded; teachers and runs are cached under
 ``runs/bench_mad_opd/`` (delete it, or change a setting, to recompute).
@@ -42,7 +43,7 @@ Everything is built here, nothing is downloaded; teachers and runs are cached un
    (debate_sharp, routed) − best single arm in overall accuracy, "best single" being the
    single-teacher arm with the higher mean over seeds.
 
-Writes benchmarks/mad_opd.png and (full run only, unless ``--no-append``) writes its dated section into
+Writes benchmarks/mad_opd.png and (full run only, unless ``--no-record``) writes its dated section into
 benchmarks/RESULTS.md: it replaces this benchmark's earlier section (found by its heading) in place, or
 appends one if there is none. Ends with ``RESULT madopd_sharp_vs_best_single <gain>``,
 ``RESULT madopd_vs_best_single <gain>`` and ``RESULT routed_vs_best_single <gain>``.
@@ -66,6 +67,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from common import add_record_options, arg_parser, pyplot, record, result_line, save_student, trainer  # noqa: E402
 
 from lit_opd import HFTeacher, ListPrompts, RolloutDataModule, SamplingParams, SFTModule  # noqa: E402
 from lit_opd.methods.mad_opd import MADOPDModule  # noqa: E402
@@ -86,8 +88,9 @@ TASK = AdditionTask(max_digits=3, reverse_answer=True)
 # configs/mad_opd/debate.yaml's texts: the tiny teachers know only "a+b=" -> reversed sum.
 DEBATE = DebateSettings(
     rounds=1, max_new_tokens=6, temperature=0.7, confidence="logprob", confidence_temperature=1.0,
-    prompts=DebatePrompts(first_round="{prompt}{confidence}", next_round="{transcript}\n{expert}:{prompt}{confidence}",
-                          force_decode="{prompt}", entry="{expert}{round}:{answer}", start="", end=""),
+    prompts=DebatePrompts(first_round="{prompt}{confidence}",
+                          next_round="{transcript}\n{expert}:{prompt}{confidence}", force_decode="{prompt}",
+                          entry="{expert}{round}:{answer}", start="", end=""),
 )
 
 
@@ -101,15 +104,12 @@ def rows(num_rows: int, seed: int) -> list[dict]:
     return [dict(r, domain=domain(r)) for r in TASK.make_rows(num_rows, seed)]
 
 
-def trainer(steps: int) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=0)
-
-
-def datamodule(train: list[dict], val: list[dict], seed: int, temperature: float = 1.0) -> RolloutDataModule:
-    return RolloutDataModule(ListPrompts(train), val_source=ListPrompts(val), batch_size=64, val_batch_size=256,
-                             sampling=SamplingParams(max_new_tokens=6, temperature=temperature), seed=seed)
+def datamodule(train: list[dict], val: list[dict], seed: int, tokenizer: str | None = None
+               ) -> RolloutDataModule:
+    """The prompts, 64 a step at temperature 1; ``tokenizer`` (a path) lets it encode them before a fit."""
+    return RolloutDataModule(ListPrompts(train), val_source=ListPrompts(val), batch_size=64,
+                             val_batch_size=256, sampling=SamplingParams(max_new_tokens=6, temperature=1.0),
+                             seed=seed, tokenizer=tokenizer)
 
 
 def accuracy(module, dm: RolloutDataModule) -> dict[str, float]:  # noqa: ANN001
@@ -137,16 +137,14 @@ def teacher(name: str, args: argparse.Namespace, val: list[dict]) -> dict:
     dm = datamodule(train, val, seed=0)
     module = SFTModule(ModelSpec(path=TEACHER_ARCH, random_init=True),
                        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0),
-                       scheduler=lambda o: WarmupCosine(o, total_steps=steps, warmup_steps=min(100, steps // 10),
-                                                        min_ratio=0.05))
+                       scheduler=lambda o: WarmupCosine(o, total_steps=steps,
+                                                        warmup_steps=min(100, steps // 10), min_ratio=0.05))
     started = time.perf_counter()
     trainer(steps).fit(module, dm)
     seconds = time.perf_counter() - started
     module.student.eval()
     meta = {"key": key, "train_rows": len(train), "seconds": seconds, "accuracy": accuracy(module, dm)}
-    out.mkdir(parents=True, exist_ok=True)
-    module.student.save_pretrained(out)
-    module.tokenizer.save_pretrained(out)
+    save_student(module, out)
     meta_path.write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -172,6 +170,25 @@ class WeightProbe(MADOPDModule):
         return judged
 
 
+def arm_settings(arm: str, args: argparse.Namespace) -> tuple[dict, dict]:
+    """(the arm's experts, its MADOPDModule settings)."""
+    experts = {h: HFTeacher(str(args.out_dir / "teachers" / h), name=h) for h in HALVES}
+    if arm.startswith("single_"):  # one teacher: routed with every domain routed to it (the same loss path)
+        name = arm.removeprefix("single_")
+        return {name: experts[name]}, {"mode": "routed", "route_field": "domain",
+                                       "routes": dict.fromkeys(HALVES, name)}
+    if arm == "routed":
+        return experts, {"mode": "routed", "route_field": "domain"}  # the domain's value is its expert's name
+    if arm == "fixed":
+        return experts, {"mode": "fixed", "weights": {h: 0.5 for h in HALVES}}
+    if arm == "debate":
+        return experts, {"mode": "debate", "debate": DEBATE}
+    if arm == "debate_sharp":
+        return experts, {"mode": "debate",
+                         "debate": dataclasses.replace(DEBATE, confidence_temperature=args.sharp_temperature)}
+    raise ValueError(f"unknown arm {arm!r}")
+
+
 def run_arm(arm: str, seed: int, args: argparse.Namespace, train: list[dict], val: list[dict]) -> dict:
     path = args.out_dir / "runs" / f"{arm}_seed{seed}.json"
     key = {"arm": arm, "seed": seed, "steps": args.steps, "teacher_steps": args.teacher_steps,
@@ -181,28 +198,12 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, train: list[dict], va
     if path.exists() and json.loads(path.read_text())["key"] == key:
         return json.loads(path.read_text())
     L.seed_everything(seed, verbose=False)
-    experts = {h: HFTeacher(str(args.out_dir / "teachers" / h), name=h) for h in HALVES}
-    if arm.startswith("single_"):  # one teacher: routed with every domain routed to it (the same loss path)
-        name = arm.removeprefix("single_")
-        experts, kwargs = {name: experts[name]}, {"mode": "routed", "route_field": "domain",
-                                                  "routes": dict.fromkeys(HALVES, name)}
-    elif arm == "routed":
-        kwargs = {"mode": "routed", "route_field": "domain"}  # the domain's value is its expert's name
-    elif arm == "fixed":
-        kwargs = {"mode": "fixed", "weights": {h: 0.5 for h in HALVES}}
-    elif arm == "debate":
-        kwargs = {"mode": "debate", "debate": DEBATE}
-    elif arm == "debate_sharp":
-        kwargs = {"mode": "debate",
-                  "debate": dataclasses.replace(DEBATE, confidence_temperature=args.sharp_temperature)}
-    else:
-        raise ValueError(f"unknown arm {arm!r}")
+    experts, kwargs = arm_settings(arm, args)
     module = WeightProbe(STUDENT, experts, objective=Divergence(kind="jsd", beta=0.0, reduction="seq_mean"),
                          seed=seed, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0),
                          **kwargs)
-    dm = datamodule(train, val, seed=seed)
-    dm.tokenizer = module.tokenizer
-    dm.setup("fit")
+    dm = datamodule(train, val, seed=seed, tokenizer=STUDENT)  # the student's tokenizer, as the module's
+    dm.setup("fit")  # the prompts, for the accuracy before training
     before = accuracy(module, dm)
     started = time.perf_counter()
     trainer(args.steps).fit(module, dm)
@@ -225,15 +226,12 @@ def mean(xs: list[float]) -> float:
 
 def gains(results: dict, arm: str, best: str) -> list[float]:
     """Paired per-seed overall-accuracy differences arm − best."""
-    return [results[arm][s]["after"]["overall"] - results[best][s]["after"]["overall"] for s in sorted(results[arm])]
+    overall = {a: [results[a][s]["after"]["overall"] for s in sorted(results[arm])] for a in (arm, best)}
+    return [x - y for x, y in zip(overall[arm], overall[best])]
 
 
 def plot(results: dict, seeds: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), sharey=True)
     for ax, part in zip(axes, ("overall", *HALVES)):
         before = mean([results[a][s]["before"][part] for a in ARMS for s in seeds])
@@ -255,28 +253,49 @@ def plot(results: dict, seeds: list[int], path: Path) -> None:
 
 def render(results: dict, teachers: dict, seeds: list[int], args: argparse.Namespace, best: str,
            opad: list[str], total: float) -> str:
+    lines = setup_lines(teachers, seeds, args) + arm_lines(results, seeds, args, best)
+    if opad:
+        lines += ["", "OPAD per-turn greedy accuracy, `OMP_NUM_THREADS=1 python benchmarks/bench_opad.py` "
+                  "run right after this benchmark (one seed; setup in its docstring):", "", *opad]
+    if args.notes:
+        lines += ["", args.notes.read_text().strip()]
+    fits = sum(results[a][s]["seconds"] for a in ARMS for s in seeds)
+    lines += ["", f"Time (one core, fits only, from the cached runs): teachers "
+              f"{sum(t['seconds'] for t in teachers.values()) / 60:.1f} min, arms {fits / 60:.1f} min; this "
+              f"invocation {total / 60:.1f} min.", "", "```", *result_lines(results, best), "```", ""]
+    return "\n".join(lines)
+
+
+def setup_lines(teachers: dict, seeds: list[int], args: argparse.Namespace) -> list[str]:
+    """The section's heading, its setup paragraph and the teachers' table."""
     day = datetime.date.today().isoformat()
     n_half = {h: sum(r["domain"] == h for r in rows(args.val_rows, VAL_SEED)) for h in HALVES}
     lines = [f"{HEADING} — {day} — 1 CPU thread", "",
-             f"`OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py` (method: "
-             f"lit_opd/methods/mad_opd/README.md). Reversed 1-3 digit addition split by domain "
-             f"(`three_digit`: an operand has 3 digits; else `short`); val = the quickstart's {args.val_rows} "
-             f"prompts ({n_half['short']} short, {n_half['three_digit']} three_digit). Two experts of the "
-             f"quickstart teacher's architecture trained by SFT from scratch on ONE half each "
-             f"({args.teacher_steps[0]} / {args.teacher_steps[1]} steps); student "
-             f"lit_opd/assets/addition/student; every arm MADOPDModule, forward KL (JSD β 0), seq_mean, "
-             f"AdamW lr 2e-3, batch 64, {args.steps} steps, seeds {seeds}. debate: "
-             f"rounds 1, confidence `logprob` (c_k = 100·exp(mean log-prob of the teacher's own sampled "
-             f"answer), w = softmax(c/100)), scoring after the bare prompt; debate_sharp: the same with "
+             "`OMP_NUM_THREADS=1 python benchmarks/bench_mad_opd.py` (method: "
+             "lit_opd/methods/mad_opd/README.md). Reversed 1-3 digit addition split by domain "
+             "(`three_digit`: an operand has 3 digits; else `short`); val = the quickstart's "
+             f"{args.val_rows} prompts ({n_half['short']} short, {n_half['three_digit']} three_digit). Two "
+             "experts of the quickstart teacher's architecture trained by SFT from scratch on ONE half "
+             f"each ({args.teacher_steps[0]} / {args.teacher_steps[1]} steps); student "
+             "lit_opd/assets/addition/student; every arm MADOPDModule, forward KL (JSD β 0), seq_mean, "
+             f"AdamW lr 2e-3, batch 64, {args.steps} steps, seeds {seeds}. debate: rounds 1, confidence "
+             "`logprob` (c_k = 100·exp(mean log-prob of the teacher's own sampled answer), w = "
+             "softmax(c/100)), scoring after the bare prompt; debate_sharp: the same with "
              f"`confidence_temperature` τ = {args.sharp_temperature:g} (w = softmax(c/100/τ)). "
              f"Plot: `mad_opd.png`.", "",
-             "Teachers (greedy accuracy):", "", "| teacher | trained on | short | three_digit | overall | SFT time |",
+             "Teachers (greedy accuracy):", "",
+             "| teacher | trained on | short | three_digit | overall | SFT time |",
              "|---|---|---|---|---|---|"]
     for h in HALVES:
         a = teachers[h]["accuracy"]
-        lines.append(f"| `{h}` | {teachers[h]['train_rows']} {h} rows | {a['short']:.3f} | {a['three_digit']:.3f} "
-                     f"| {a['overall']:.3f} | {teachers[h]['seconds']:.0f} s |")
-    lines += ["", "Student, greedy accuracy before → after (per seed; mean):", "",
+        lines.append(f"| `{h}` | {teachers[h]['train_rows']} {h} rows | {a['short']:.3f} "
+                     f"| {a['three_digit']:.3f} | {a['overall']:.3f} | {teachers[h]['seconds']:.0f} s |")
+    return lines
+
+
+def arm_lines(results: dict, seeds: list[int], args: argparse.Namespace, best: str) -> list[str]:
+    """The arms' table, the paired gains over the best single teacher and the debate weights."""
+    lines = ["", "Student, greedy accuracy before → after (per seed; mean):", "",
               "| arm | overall | short | three_digit | wall s / run |", "|---|---|---|---|---|"]
     for arm in ARMS:
         cells = []
@@ -286,8 +305,8 @@ def render(results: dict, teachers: dict, seeds: list[int], args: argparse.Names
             cells.append(f"{b:.3f} → **{mean(per):.3f}** ({' / '.join(f'{v:.3f}' for v in per)})")
         secs = mean([results[arm][s]["seconds"] for s in seeds])
         lines.append(f"| {arm} | {' | '.join(cells)} | {secs:.0f} |")
-    lines += ["", f"Best single teacher by mean overall accuracy: `{best}`. Paired per-seed gains in overall accuracy:",
-              ""]
+    lines += ["", f"Best single teacher by mean overall accuracy: `{best}`. Paired per-seed gains in overall "
+              "accuracy:", ""]
     for arm in ("routed", "fixed", *DEBATE_ARMS):
         g = gains(results, arm, best)
         lines.append(f"- {arm} − {best}: {' / '.join(f'{x:+.3f}' for x in g)} (mean {mean(g):+.3f})")
@@ -298,64 +317,51 @@ def render(results: dict, teachers: dict, seeds: list[int], args: argparse.Names
             ws = [results[arm][s]["weights"][h] for s in seeds]
             lines.append(f"| {arm} | {tau:g} | {h} | {mean([w['short'] for w in ws]):.3f} "
                          f"| {mean([w['three_digit'] for w in ws]):.3f} |")
-    if opad:
-        lines += ["", "OPAD per-turn greedy accuracy, `OMP_NUM_THREADS=1 python benchmarks/bench_opad.py` run "
-                  "right after this benchmark (one seed; setup in its docstring):", "", *opad]
-    if args.notes:
-        lines += ["", args.notes.read_text().strip()]
-    fits = sum(results[a][s]["seconds"] for a in ARMS for s in seeds)
-    lines += ["", f"Time (one core, fits only, from the cached runs): teachers "
-              f"{sum(t['seconds'] for t in teachers.values()) / 60:.1f} min, arms {fits / 60:.1f} min; this "
-              f"invocation {total / 60:.1f} min.", "", "```", *result_lines(results, best), "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def result_lines(results: dict, best: str) -> list[str]:
-    return [f"RESULT madopd_sharp_vs_best_single {mean(gains(results, 'debate_sharp', best)):.4f}",
-            f"RESULT madopd_vs_best_single {mean(gains(results, 'debate', best)):.4f}",
-            f"RESULT routed_vs_best_single {mean(gains(results, 'routed', best)):.4f}"]
+    return [result_line("madopd_sharp_vs_best_single", mean(gains(results, "debate_sharp", best))),
+            result_line("madopd_vs_best_single", mean(gains(results, "debate", best))),
+            result_line("routed_vs_best_single", mean(gains(results, "routed", best)))]
 
 
-def write_section(path: Path, section: str) -> str:
-    """Replace this benchmark's section of ``path`` (from its heading to the next ``## `` heading) in place,
-    or append it if there is none; returns what was done."""
-    text = path.read_text() if path.exists() else ""
-    found = [m.start() for m in re.finditer(rf"^{re.escape(HEADING)}\b", text, flags=re.M)]
-    if len(found) > 1:
-        raise SystemExit(f"{path} has {len(found)} sections headed {HEADING!r}; merge them by hand first")
-    if not found:
-        path.write_text(text + "\n" + section)
-        return "appended to"
-    start = found[0]
-    nxt = re.search(r"^## ", text[start + 1:], flags=re.M)
-    end = start + 1 + nxt.start() if nxt else len(text)
-    tail = text[end:]
-    path.write_text(text[:start] + section + ("\n" + tail if tail else ""))
-    return "replaced its section in"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, a few steps, tiny sets; writes no RESULTS.md")
+def parse_args() -> argparse.Namespace:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="1 seed, a few steps, tiny sets; no RESULTS.md")
     parser.add_argument("--steps", type=int, default=500, help="OPD steps per arm")
     parser.add_argument("--teacher-steps", type=int, nargs=2, default=[2000, 4000],
                         help="SFT steps of the short and the three_digit expert (the harder half gets more)")
-    parser.add_argument("--teacher-rows", type=int, default=100000, help="rows drawn before the split by half")
+    parser.add_argument("--teacher-rows", type=int, default=100000, help="rows drawn before the split")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sharp-temperature", type=float, default=0.05,
-                        help="confidence_temperature of the debate_sharp arm (debate itself keeps the paper's 1)")
+                        help="confidence_temperature of the debate_sharp arm (debate keeps the paper's 1)")
     parser.add_argument("--val-rows", type=int, default=512)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench_mad_opd")
     parser.add_argument("--opad-log", type=Path, help="bench_opad.py's output: its RESULT lines are quoted")
     parser.add_argument("--notes", type=Path, help="a hand-written Markdown reading, appended to the section")
-    parser.add_argument("--no-append", action="store_true", help="do not write the section into RESULTS.md")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    add_record_options(parser)
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "mad_opd.png")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.teacher_steps, args.teacher_rows, args.seeds, args.val_rows = 4, [10, 10], 2000, [0], 64
-        args.out_dir, args.no_append = args.out_dir / "quick", True
+        args.steps, args.teacher_steps, args.teacher_rows = 4, [10, 10], 2000
+        args.seeds, args.val_rows = [0], 64
+        args.out_dir, args.no_record = args.out_dir / "quick", True
         args.plot = args.out_dir / "mad_opd.png"
+    return args
+
+
+def opad_quote(log: Path | None) -> list[str]:
+    """bench_opad.py's Markdown table and RESULT lines (in a code block), from its output."""
+    if log is None:
+        return []
+    text = log.read_text()
+    return [*re.findall(r"^\|.*\|$", text, flags=re.M), "", "```",
+            *re.findall(r"^RESULT opad_turn_accuracy .*$", text, flags=re.M), "```"]
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     os.chdir(ROOT)
@@ -374,17 +380,12 @@ def main() -> None:
                   f"{r['seconds']:.0f} s", flush=True)
     best = max(("single_short", "single_three_digit"),
                key=lambda a: mean([results[a][s]["after"]["overall"] for s in args.seeds]))
-    opad = []
-    if args.opad_log:
-        text = args.opad_log.read_text()  # its Markdown table, then its RESULT lines in a code block
-        opad = [*re.findall(r"^\|.*\|$", text, flags=re.M), "", "```",
-                *re.findall(r"^RESULT opad_turn_accuracy .*$", text, flags=re.M), "```"]
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.seeds, args.plot)
-    section = render(results, teachers, args.seeds, args, best, opad, time.perf_counter() - start)
+    section = render(results, teachers, args.seeds, args, best, opad_quote(args.opad_log),
+                     time.perf_counter() - start)
     print("\n" + section)
-    if not args.no_append:
-        print(f"{write_section(args.results, section)} {args.results}")
+    record(args, section)
     for line in result_lines(results, best):
         print(line)
 

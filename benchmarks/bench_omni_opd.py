@@ -3,6 +3,7 @@
     python benchmarks/bench_omni_opd.py                 # 3 seeds x 150 steps, ~45 min on 2 CPU cores
     python benchmarks/bench_omni_opd.py --quick         # smoke run: 1 seed, 6 steps, no RESULTS.md
     python benchmarks/bench_omni_opd.py --report-only   # re-render the table, plot and section
+    python benchmarks/bench_omni_opd.py --no-record     # the full run; RESULTS.md and omni_opd.png untouched
 
 Task, models and settings are the shipped configs' (each arm *is* a config, run through
 ``python -m lit_opd fit`` in its own process, one torch thread, two at a time):
@@ -20,16 +21,17 @@ Task, models and settings are the shipped configs' (each arm *is* a config, run 
                    serve` over the teacher on 127.0.0.1 (``--api-seeds`` seeds, ``--api-steps`` steps:
                    a loopback HTTP request per continuation is ~8x slower on 2 cores).
 
-Same student (lit_opd/assets/carry_addition/student, 17.6 % greedy), prompts (TaskPrompts seed 4),
-batch (32), optimizer and steps in every arm; the seed sets ``seed_everything``, the data order and
-rollout draws (``RolloutDataModule.seed``) and OmniOPD's teacher sampling (``OmniOPDModule.seed``). Reported: greedy exact
-match on 512 validation prompts (TaskPrompts seed 2) every ``--eval-every`` steps; teacher tokens
-spent (SFT: prompt + sampled tokens of the samples used; OPD: prompt + completion tokens the
+Same student (lit_opd/assets/carry_addition/student, 17.6 % greedy), prompts (TaskPrompts seed 4), batch
+(32), optimizer and steps in every arm; the seed sets ``seed_everything``, the data order and rollout
+draws (``RolloutDataModule.seed``) and OmniOPD's teacher sampling (``OmniOPDModule.seed``). Reported:
+greedy exact match on 512 validation prompts (TaskPrompts seed 2) every ``--eval-every`` steps; teacher
+tokens spent (SFT: prompt + sampled tokens of the samples used; OPD: prompt + completion tokens the
 teacher's forward read, B x (mean prompt + mean completion length); OmniOPD: the text teacher's
 counters, prompts + continuations); the repetition rate of the final student (fraction of 512
 completions sampled at temperature 1 that hold an n-gram loop, ``repetition_loops``) and of its greedy
-answers; wall time. Ends with ``RESULT omniopd_vs_sft <mean over seeds of OmniOPD − SFT final
-accuracy>`` and ``RESULT omniopd_vs_opd <mean of OmniOPD − OPD>``.
+answers; wall time. The report (summaries, table, plot, section) is in ``omni_opd_report.py``. Ends with
+``RESULT omniopd_vs_sft <mean over seeds of OmniOPD − SFT final accuracy>`` and ``RESULT omniopd_vs_opd
+<mean of OmniOPD − OPD>``.
 """
 
 from __future__ import annotations
@@ -48,22 +50,26 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from common import ROOT, add_record_options, arg_parser, record  # noqa: E402
+from omni_opd_report import ARMS, plot, section, summarize, table  # noqa: E402
 
-ARMS = ("sft", "opd", "omniopd", "omniopd_ref", "omniopd_bpe", "omniopd_api")
+from lit_opd.methods.omni_opd.audits import repetition_loops  # noqa: E402
+from lit_opd.models import load_causal_lm, load_tokenizer  # noqa: E402
+from lit_opd.tasks import CarryAdditionTask  # noqa: E402
+from lit_opd.teachers import HFTextTeacher  # noqa: E402
+
+sys.path.insert(0, str(ROOT))  # tests.teachers.servers runs the API arm's server
+
 CONFIGS = {"sft": "configs/opd/carry.yaml", "opd": "configs/opd/carry.yaml",
            "omniopd": "configs/omni_opd/carry.yaml", "omniopd_ref": "configs/omni_opd/carry.yaml",
            "omniopd_bpe": "configs/omni_opd/carry_bpe_teacher.yaml",
            "omniopd_api": "configs/omni_opd/carry.yaml"}
-LABELS = {"sft": "SFT on teacher samples", "opd": "logit OPD (forward KL)", "omniopd": "OmniOPD (group), text only",
-          "omniopd_ref": "OmniOPD (reference objective)",
-          "omniopd_bpe": "OmniOPD, BPE-tokenizer teacher", "omniopd_api": "OmniOPD via transformers serve"}
 TEACHER = ROOT / "lit_opd/assets/carry_addition/teacher"
 OUT = ROOT / "runs" / "bench_omni_opd"
+TASK = CarryAdditionTask(min_digits=2, max_digits=4)  # the carry configs' task
 
 
 # ----- one arm = one config ---------------------------------------------------------------------
@@ -83,8 +89,7 @@ def arm_config(arm: str, seed: int, steps: int, eval_every: int, run_dir: Path, 
     data["seed"] = seed  # the data order and the rollout draws
     if "seed" in model:  # OmniOPD's teacher sampling
         model["seed"] = seed
-    for key in ("student",):
-        model[key] = str(ROOT / model[key])
+    model["student"] = str(ROOT / model["student"])
     if "teacher" in model:
         teacher = model["teacher"]["init_args"]
         teacher["model"] = str(ROOT / teacher["model"])
@@ -106,10 +111,9 @@ def arm_config(arm: str, seed: int, steps: int, eval_every: int, run_dir: Path, 
 def run_arm(arm: str, seed: int, steps: int, eval_every: int, extra: dict) -> dict:
     """Run one arm as `python -m lit_opd fit` and collect its curves; cached in OUT/<arm>_s<seed>.json."""
     cached = OUT / "results" / f"{arm}_s{seed}.json"
-    if cached.exists():
-        result = json.loads(cached.read_text())
-        if result["steps"] == steps:
-            return result
+    result = json.loads(cached.read_text()) if cached.exists() else None
+    if result is not None and result["steps"] == steps:
+        return result
     run_dir = OUT / f"{arm}_s{seed}"
     if finished(run_dir):  # a run whose process outlived an interrupted benchmark: collect it
         return collect(arm, seed, steps, run_dir, extra, wall_s=(run_dir / "fit.log").stat().st_mtime
@@ -174,23 +178,21 @@ def final_repetition(run_dir: Path, seed: int, rows: int = 512, max_new_tokens: 
     """Loop rate of the final student's completions on the validation prompts: sampled at temperature
     1 (seeded) and greedy; plus the greedy answers' mean length (a student that stops ending its
     answers runs to ``max_new_tokens``)."""
-    from lit_opd.methods.omni_opd.audits import repetition_loops
-    from lit_opd.models import load_causal_lm, load_tokenizer
-    from lit_opd.tasks import CarryAdditionTask
-
     student_dir = ROOT / "lit_opd/assets/carry_addition/student"
     tokenizer = load_tokenizer(None, str(student_dir))
     model = load_causal_lm(str(student_dir))
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    weights = {k.removeprefix("student."): v for k, v in state["state_dict"].items() if k.startswith("student.")}
+    weights = {k.removeprefix("student."): v for k, v in state["state_dict"].items()
+               if k.startswith("student.")}
     model.load_state_dict(weights)
     model.eval()
-    prompts = [r["prompt"] for r in CarryAdditionTask(min_digits=2, max_digits=4).make_rows(rows, seed=2)]
+    prompts = [r["prompt"] for r in TASK.make_rows(rows, seed=2)]
     enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
     out = {}
     torch.manual_seed(seed)
     with torch.no_grad():
-        for name, kwargs in (("sampled", {"do_sample": True, "temperature": 1.0}), ("greedy", {"do_sample": False})):
+        modes = (("sampled", {"do_sample": True, "temperature": 1.0}), ("greedy", {"do_sample": False}))
+        for name, kwargs in modes:
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, **kwargs)[:, enc["input_ids"].shape[1]:]
             ended = (ids == tokenizer.eos_token_id).long()
@@ -205,19 +207,15 @@ def teacher_samples(rows: int, seed: int = 0) -> tuple[Path, float]:
     """One completion per training prompt (TaskPrompts seed 4, the configs' order), sampled at
     temperature 1 from the teacher, as a JSONL the SFT arm trains on; and the teacher tokens one row
     cost (prompt + sampled tokens, up to the end token)."""
-    from lit_opd.tasks import CarryAdditionTask
-    from lit_opd.teachers import HFTextTeacher
-
     path = OUT / f"teacher_samples_{rows}.jsonl"
     meta = OUT / f"teacher_samples_{rows}.json"
     if path.exists() and meta.exists():
         return path, json.loads(meta.read_text())["tokens_per_row"]
-    task = CarryAdditionTask(min_digits=2, max_digits=4)
-    prompts = [r["prompt"] for r in task.make_rows(rows, seed=4)]
+    prompts = [r["prompt"] for r in TASK.make_rows(rows, seed=4)]
     torch.set_num_threads(2)
     teacher = HFTextTeacher(str(TEACHER), batch_size=256)
     texts = [row[0] for row in teacher.generate_text(prompts, max_new_tokens=48, temperature=1.0, seed=seed)]
-    correct = sum(task.verify(t, r["answer"]) for t, r in zip(texts, task.make_rows(rows, seed=4)))
+    correct = sum(TASK.verify(t, r["answer"]) for t, r in zip(texts, TASK.make_rows(rows, seed=4)))
     OUT.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:
         for prompt, text in zip(prompts, texts):
@@ -228,11 +226,8 @@ def teacher_samples(rows: int, seed: int = 0) -> tuple[Path, float]:
 
 
 def mean_prompt_tokens(rows: int = 2000) -> float:
-    from lit_opd.models import load_tokenizer
-    from lit_opd.tasks import CarryAdditionTask
-
     tokenizer = load_tokenizer(None, str(ROOT / "lit_opd/assets/carry_addition/student"))
-    prompts = [r["prompt"] for r in CarryAdditionTask(min_digits=2, max_digits=4).make_rows(rows, seed=4)]
+    prompts = [r["prompt"] for r in TASK.make_rows(rows, seed=4)]
     return statistics.mean(len(tokenizer(p)["input_ids"]) for p in prompts)
 
 
@@ -250,101 +245,6 @@ def serve_teacher():  # noqa: ANN201 - a context manager yielding (base_url, mod
 
 
 # ----- report -----------------------------------------------------------------------------------
-def summarize(results: list[dict]) -> dict[str, dict]:
-    by_arm: dict[str, dict] = {}
-    for arm in ARMS:
-        runs = [r for r in results if r["arm"] == arm]
-        if not runs:
-            continue
-        final = [r["accuracy"][-1] for r in runs]
-        by_arm[arm] = {
-            "seeds": [r["seed"] for r in runs], "steps": runs[0]["steps"], "final": final,
-            "final_mean": statistics.mean(final), "before": runs[0]["accuracy"][0],
-            "tokens": statistics.mean(r["teacher_tokens"][-1] for r in runs),
-            "rep_sampled": statistics.mean(r["repetition_sampled"] for r in runs),
-            "rep_greedy": statistics.mean(r["repetition_greedy"] for r in runs),
-            "len_greedy": statistics.mean(r["length_greedy"] for r in runs),
-            "wall_s": statistics.mean(r["wall_s"] for r in runs),
-        }
-    return by_arm
-
-
-def paired_gain(results: list[dict], arm: str, other: str) -> tuple[float, list[float]]:
-    """Mean over the seeds both arms ran of (arm − other) final accuracy, and the per-seed gains."""
-    finals = {(r["arm"], r["seed"]): r["accuracy"][-1] for r in results}
-    seeds = sorted(s for (a, s) in finals if a == arm and (other, s) in finals)
-    gains = [finals[(arm, s)] - finals[(other, s)] for s in seeds]
-    return (statistics.mean(gains) if gains else float("nan")), gains
-
-
-def table(by_arm: dict[str, dict]) -> str:
-    lines = ["| arm | seeds | steps | greedy accuracy before → after (per seed) | mean after | teacher tokens "
-             "| loops, sampled / greedy | greedy length | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for arm, s in by_arm.items():
-        per_seed = ", ".join(f"{a:.3f}" for a in s["final"])
-        lines.append(f"| {LABELS[arm]} | {','.join(map(str, s['seeds']))} | {s['steps']} | {s['before']:.3f} → "
-                     f"{per_seed} | **{s['final_mean']:.3f}** | {s['tokens']:.3g} | {s['rep_sampled']:.3f} / "
-                     f"{s['rep_greedy']:.3f} | {s['len_greedy']:.1f} | {s['wall_s']:.0f} |")
-    return "\n".join(lines)
-
-
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for index, arm in enumerate(ARMS):
-        runs = [r for r in results if r["arm"] == arm]
-        for k, r in enumerate(runs):
-            style = {"color": f"C{index}", "alpha": 0.8, "label": LABELS[arm] if k == 0 else None}
-            left.plot(r["eval_steps"], r["accuracy"], marker="o", ms=3, **style)
-            spent = [(t, a) for t, a in zip(r["teacher_tokens"], r["accuracy"]) if t > 0]  # log axis: no step 0
-            right.plot([t for t, _ in spent], [a for _, a in spent], marker="o", ms=3, **style)
-    left.set(xlabel="training step", ylabel="greedy val accuracy", title="accuracy vs steps (one line a seed)")
-    right.set(xlabel="teacher tokens spent", ylabel="greedy val accuracy", xscale="log",
-              title="accuracy vs teacher tokens")
-    left.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def section(results: list[dict], by_arm: dict, args: argparse.Namespace) -> str:
-    vs_sft, sft_gains = paired_gain(results, "omniopd", "sft")
-    vs_opd, opd_gains = paired_gain(results, "omniopd", "opd")
-    meta = json.loads(next(OUT.glob("teacher_samples_*.json")).read_text())
-    return "\n".join([
-        f"## OmniOPD vs SFT on teacher samples vs logit OPD, carry task ({time.strftime('%Y-%m-%d')})",
-        "",
-        "`python benchmarks/bench_omni_opd.py` — one trained teacher (lit_opd/assets/carry_addition/teacher, "
-        "100 % greedy) used three ways; each arm is a shipped config run by `python -m lit_opd fit` (one torch "
-        "thread each, several runs at a time on a 2-core CPU: wall times are inflated by up to ~4x and compare "
-        "only roughly). Student 17.6 % greedy, batch 32, greedy exact match on 512 validation prompts. "
-        "SFT and OPD: AdamW lr 1e-3 (configs/opd/carry.yaml); OmniOPD: lr 1e-4, C = 9, M = 3 audits, N = 4 "
-        "continuations, φ = edit, α = 1, β = 0.1; the group objective with 4 candidates per audit "
-        "(configs/omni_opd/carry.yaml), the reference objective with the same settings (`omniopd_ref`). "
-        "SFT trains on one teacher sample per prompt "
-        f"(temperature 1; {meta['correct_frac']:.1%} of them correct). Teacher tokens: what the teacher read "
-        "and wrote (OPD: its forward over prompt + completion; OmniOPD: prompts and continuations as the "
-        "teacher counts them — an API server counts the prompt once per request, and `transformers serve` "
-        "ignores `n`, so each continuation is its own request). Loops: the final student's 512 completions, "
-        "`repetition_loops`.",
-        "",
-        table(by_arm),
-        "",
-        f"OmniOPD − SFT per seed: {', '.join(f'{g:+.3f}' for g in sft_gains)}; OmniOPD − OPD per seed: "
-        f"{', '.join(f'{g:+.3f}' for g in opd_gains)}.",
-        "",
-        "![OmniOPD benchmark](omni_opd.png)",
-        "",
-        f"RESULT omniopd_vs_sft {vs_sft:.4f}",
-        f"RESULT omniopd_vs_opd {vs_opd:.4f}",
-        "",
-    ])
-
-
 # ----- main -------------------------------------------------------------------------------------
 def jobs(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     """(arm, seed, steps), the slowest first so two workers finish together."""
@@ -358,8 +258,24 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     return sorted(out, key=lambda job: -cost[job[0]] * job[2])
 
 
+def run_all(args: argparse.Namespace) -> None:
+    """Every (arm, seed) not cached yet, ``--workers`` at a time; the API arm's server while they run."""
+    batch = 32
+    samples, tokens_per_row = teacher_samples(args.steps * batch)
+    extra = {"samples": str(samples), "sft_tokens_per_row": tokens_per_row, "batch": batch,
+             "prompt_tokens": mean_prompt_tokens()}
+    todo = jobs(args)
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(args.workers) as pool:
+        if any(arm == "omniopd_api" for arm, _, _ in todo):
+            server, served_model = serve_teacher()
+            extra.update(base_url=stack.enter_context(server) + "/v1", served_model=served_model)
+        for result in pool.map(lambda job: run_arm(job[0], job[1], job[2], args.eval_every, extra), todo):
+            print(f"{result['arm']} seed {result['seed']}: {result['accuracy'][0]:.3f} -> "
+                  f"{result['accuracy'][-1]:.3f} ({result['wall_s']:.0f} s)", flush=True)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--eval-every", type=int, default=25)
@@ -369,7 +285,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 steps, no API arm, no RESULTS.md")
     parser.add_argument("--report-only", action="store_true", help="re-render from the cached runs")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    add_record_options(parser, " and benchmarks/omni_opd.png")
     args = parser.parse_args()
     global OUT
     if args.quick:
@@ -378,26 +294,13 @@ def main() -> None:
         args.arms = [a for a in args.arms if a != "omniopd_api"]
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        batch = 32
-        samples, tokens_per_row = teacher_samples(args.steps * batch)
-        extra = {"samples": str(samples), "sft_tokens_per_row": tokens_per_row, "batch": batch,
-                 "prompt_tokens": mean_prompt_tokens()}
-        todo = jobs(args)
-        with contextlib.ExitStack() as stack, ThreadPoolExecutor(args.workers) as pool:
-            if any(arm == "omniopd_api" for arm, _, _ in todo):
-                server, served_model = serve_teacher()
-                extra.update(base_url=stack.enter_context(server) + "/v1", served_model=served_model)
-            for result in pool.map(lambda job: run_arm(job[0], job[1], job[2], args.eval_every, extra), todo):
-                print(f"{result['arm']} seed {result['seed']}: {result['accuracy'][0]:.3f} -> "
-                      f"{result['accuracy'][-1]:.3f} ({result['wall_s']:.0f} s)", flush=True)
+        run_all(args)
     results = [json.loads(p.read_text()) for p in sorted((OUT / "results").glob("*.json"))]
     by_arm = summarize(results)
     print(table(by_arm))
     plot(results, OUT / "omni_opd.png" if args.no_record else ROOT / "benchmarks" / "omni_opd.png")
-    text = section(results, by_arm, args)
-    if not args.no_record:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
-            fh.write("\n" + text)
+    text = section(results, by_arm, json.loads(next(OUT.glob("teacher_samples_*.json")).read_text()))
+    record(args, text)
     print("\n".join(line for line in text.splitlines() if line.startswith("RESULT")))
 
 

@@ -31,6 +31,7 @@ import warnings
 
 import lightning as L
 import torch
+from common import arg_parser, print_result, trainer
 
 from lit_opd import HFTeacher, RolloutDataModule, SamplingParams, SFTModule
 from lit_opd.methods.mad_opd import MADOPDModule
@@ -40,12 +41,6 @@ from lit_opd.tasks.tool_calc import ToolCalcTask, tool_calc_tokenizer
 from lit_opd.tiny import make_tiny_model
 
 MAX_POSITIONS = 160  # a 3-turn prompt is at most ~105 characters, a turn at most ~17
-
-
-def trainer(steps: int) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=0)
 
 
 def datamodule(task: ToolCalcTask, args: argparse.Namespace, tok) -> RolloutDataModule:  # noqa: ANN001
@@ -88,7 +83,7 @@ def opad(student, teachers: dict, tok, dm: RolloutDataModule, steps: int, lr: fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage, to check it runs")
     parser.add_argument("--teacher-steps", type=int, default=700)
     parser.add_argument("--warm-steps", type=int, default=250)
@@ -131,8 +126,8 @@ def main() -> None:
         print(f"| {name} | {' | '.join(f'{accuracy[t]:.3f}' for t in turns)} |")
     print(f"\nOPAD {args.opad_steps} steps: {opad_seconds:.0f} s; total {time.perf_counter() - start:.0f} s")
     for t in turns:
-        print(f"RESULT opad_turn_accuracy {t}: {rows['student before'][t]:.3f} "
-              f"{rows[f'OPAD +{args.opad_steps}'][t]:.3f}")
+        after = rows[f"OPAD +{args.opad_steps}"][t]
+        print_result("opad_turn_accuracy", f"{t}:", rows["student before"][t], after, digits=3)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ It also prints where lit_opd's step goes (rollout, teacher forward, student forw
 backward, optimizer, the rest) and the same work done with raw torch calls.
 
     python benchmarks/bench_opd_step.py           # 3 rounds × 20 steps
-    python benchmarks/bench_opd_step.py --quick   # 1 round × 6 steps
+    python benchmarks/bench_opd_step.py --quick   # 1 round × 6 steps; records nothing
+    python benchmarks/bench_opd_step.py --no-record   # 3 × 20 steps; RESULTS.md and opd_step.png untouched
     python benchmarks/bench_opd_step.py --device cuda   # GPU: student Qwen3 h1024×28 (0.6B layout,
         # character vocabulary), teacher h2048×28 (1.7B layout), batch 16, 64 new tokens, fp32 on both sides
 """
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from common import add_record_options, arg_parser, print_result, pyplot, qwen3_config, record, trainer  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from lit_opd import Divergence, HFTeacher, ListPrompts, OPDModule, RolloutDataModule, SamplingParams  # noqa: E402
@@ -52,8 +54,6 @@ def model_pair(tok) -> tuple[torch.nn.Module, torch.nn.Module]:  # noqa: ANN001
     if DEVICE == "cpu":
         return make_tiny_model(len(tok), 64, 2, seed=0), make_tiny_model(len(tok), 128, 2, seed=1)
     from transformers import Qwen3ForCausalLM
-
-    from benchmarks.gpu_check import qwen3_config
 
     models = []
     for seed, (hidden, inter) in enumerate([(1024, 3072), (2048, 6144)]):
@@ -91,36 +91,41 @@ class LitTimer(L.Callback):
         self.last = now
 
 
-def timed_method(obj, name: str, parts: list[dict], key: str) -> None:  # noqa: ANN001
-    """Wrap ``obj.name`` so each call adds its wall time to ``parts[-1][key]``."""
-    original = getattr(obj, name)
+class TimedOPDModule(OPDModule):
+    """OPDModule that adds the wall time of its teacher scoring and of its loss (the student's forward
+    included) to the current step's entry of ``parts`` (the LitTimer's)."""
 
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def __init__(self, *args, parts: list[dict], **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.parts = parts
+
+    def timed(self, key: str, fn, *args):  # noqa: ANN001, ANN002, ANN202
         start = time.perf_counter()
-        out = original(*args, **kwargs)
-        parts[-1][key] = parts[-1].get(key, 0.0) + time.perf_counter() - start
+        out = fn(*args)
+        self.parts[-1][key] = self.parts[-1].get(key, 0.0) + time.perf_counter() - start
         return out
 
-    setattr(obj, name, wrapper)
+    def score_teacher(self, batch):  # noqa: ANN001, ANN201
+        return self.timed("teacher_forward", super().score_teacher, batch)
+
+    def loss(self, batch, teacher_out):  # noqa: ANN001, ANN201
+        return self.timed("student_forward_and_loss", super().loss, batch, teacher_out)
 
 
 def run_lit(steps: int) -> dict:
     tok = char_tokenizer(chat_template=True)
     student, teacher = model_pair(tok)
-    module = OPDModule(student, HFTeacher(teacher, tokenizer=tok), tokenizer=tok, objective=Divergence(beta=BETA),
-                       optimizer=lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0))
+    timer = LitTimer()
+    module = TimedOPDModule(student, HFTeacher(teacher, tokenizer=tok), tokenizer=tok,
+                            objective=Divergence(beta=BETA), parts=timer.parts,
+                            optimizer=lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0))
     data = RolloutDataModule(ListPrompts([{"prompt": p} for p in prompts()]), val_size=0, batch_size=BATCH,
                              sampling=SamplingParams(max_new_tokens=NEW_TOKENS), seed=0)
-    timer = LitTimer()
-    timed_method(module, "score_teacher", timer.parts, "teacher_forward")
-    timed_method(module, "loss", timer.parts, "student_forward_and_loss")
-    trainer = L.Trainer(max_steps=steps, accelerator="gpu" if DEVICE == "cuda" else "cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                        limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, data)
+    fit = trainer(steps, [timer], accelerator="gpu" if DEVICE == "cuda" else "cpu")
+    fit.fit(module, data)
     parts = timer.parts[2:]
     breakdown = {k: statistics.median(p.get(k, 0.0) for p in parts) for k in parts[0]}
-    return {"step_s": statistics.median(timer.times[1:]), "loss": float(trainer.callback_metrics["train/loss"]),
+    return {"step_s": statistics.median(timer.times[1:]), "loss": float(fit.callback_metrics["train/loss"]),
             "breakdown": breakdown}
 
 
@@ -161,12 +166,13 @@ def run_trl(kind: str, steps: int) -> dict:
         else:
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-            data = Dataset.from_list([{"messages": [{"role": "user", "content": p},
-                                                    {"role": "assistant", "content": "x"}]} for p in prompts()])
+            chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": "x"}]
+                     for p in prompts()]
+            data = Dataset.from_list([{"messages": chat} for chat in chats])
             args = GKDConfig(lmbda=1.0, beta=BETA, temperature=1.0, max_new_tokens=NEW_TOKENS, max_length=128,
                              **common)
-            trainer = GKDTrainer(model=student, teacher_model=teacher, processing_class=tok, train_dataset=data,
-                                 args=args, callbacks=[timer])
+            trainer = GKDTrainer(model=student, teacher_model=teacher, processing_class=tok,
+                                 train_dataset=data, args=args, callbacks=[timer])
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"step_s": statistics.median(timer.times[2:]), "loss": losses[-1]}
@@ -185,15 +191,16 @@ def raw_compute() -> dict:
            for p in prompts(BATCH)]
     P = max(map(len, ids))
     prompt = torch.tensor([[0] * (P - len(i)) + i for i in ids], device=DEVICE)
-    mask = (torch.arange(P, device=DEVICE)[None] >= torch.tensor([P - len(i) for i in ids], device=DEVICE)[:, None]).long()
+    pads = torch.tensor([P - len(i) for i in ids], device=DEVICE)
+    mask = (torch.arange(P, device=DEVICE)[None] >= pads[:, None]).long()
     times = {"rollout": [], "teacher_forward": [], "student_forward_backward": [], "optimizer": []}
     for _ in range(8):
         t0 = now()
         out = sample(student, prompt, mask, SamplingParams(max_new_tokens=NEW_TOKENS), [3], 0)
         t1 = now()
         batch = RolloutBatch(prompt_ids_BP=prompt, prompt_mask_BP=mask, completion_ids_BT=out.tokens_BT,
-                             completion_mask_BT=out.mask_BT, sampler_logp_BT=out.logp_BT, answers=[None] * BATCH,
-                             row_index_B=torch.arange(BATCH, device=DEVICE))
+                             completion_mask_BT=out.mask_BT, sampler_logp_BT=out.logp_BT,
+                             answers=[None] * BATCH, row_index_B=torch.arange(BATCH, device=DEVICE))
         with torch.no_grad():
             t_logits = completion_logits(teacher, batch)
         t2 = now()
@@ -210,12 +217,12 @@ def raw_compute() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-record", action="store_true")
+    add_record_options(parser, " and benchmarks/opd_step.png")
     parser.add_argument("--machine", default="2-core CPU")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
@@ -242,24 +249,21 @@ def main() -> None:
         Path(os.environ["OUT"], "opd_step_gpu.md").write_text(table)
     elif not args.no_record and not args.quick:
         plot(step, breakdown, ROOT / "benchmarks" / "opd_step.png")
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
-            fh.write(table)
-    print(f"RESULT opd_step_speedup_vs_trl {step['DistillationTrainer'] / step['lit_opd']:.3f}")
+        record(args, table)
+    print_result("opd_step_speedup_vs_trl", step["DistillationTrainer"] / step["lit_opd"], digits=3)
 
 
 def plot(step: dict, breakdown: dict, out: Path) -> None:
     """Median step time per trainer, lit_opd's split into its parts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 3.4))
     names = list(step)
     ax.barh(names[1:], [step[n] * 1e3 for n in names[1:]], color="tab:gray")
     left = 0.0
-    parts = [("rollout", breakdown.get("rollout", 0.0)), ("teacher forward", breakdown.get("teacher_forward", 0.0)),
-             ("student fwd + loss + bwd", breakdown.get("student_forward_and_loss", 0.0) + breakdown.get("backward", 0.0)),
+    parts = [("rollout", breakdown.get("rollout", 0.0)),
+             ("teacher forward", breakdown.get("teacher_forward", 0.0)),
+             ("student fwd + loss + bwd",
+              breakdown.get("student_forward_and_loss", 0.0) + breakdown.get("backward", 0.0)),
              ("optimizer", breakdown.get("optimizer", 0.0))]
     parts.append(("other", step["lit_opd"] - sum(v for _, v in parts)))
     for name, seconds in parts:
@@ -274,13 +278,15 @@ def plot(step: dict, breakdown: dict, out: Path) -> None:
 def report(step: dict, loss: dict, breakdown: dict, raw: dict, args: argparse.Namespace) -> str:
     lines = [f"\n## OPD step against TRL — {datetime.date.today()} — {args.machine}\n",
              f"`python benchmarks/bench_opd_step.py` ({args.rounds} interleaved rounds × {args.steps} steps, "
-             f"{args.threads} threads; student {'Qwen3 h64×2' if DEVICE == 'cpu' else 'Qwen3 h1024×28'}, teacher "
+             f"{args.threads} threads; student {'Qwen3 h64×2' if DEVICE == 'cpu' else 'Qwen3 h1024×28'}, "
+             "teacher "
              f"{'h128×2' if DEVICE == 'cpu' else 'h2048×28'}, batch {BATCH}, ≤ {NEW_TOKENS} new "
              f"tokens, JSD β = {BETA}, fp32).\n",
              f"Plot: `benchmarks/{'opd_step' if DEVICE == 'cpu' else 'opd_step_gpu'}.png`.\n",
              "| trainer | median step (ms) | TRL / this | loss after the run |", "|---|---|---|---|"]
     for name in step:
-        lines.append(f"| {name} | {step[name] * 1e3:.1f} | {step[name] / step['lit_opd']:.2f}× | {loss[name]:.4f} |")
+        lines.append(f"| {name} | {step[name] * 1e3:.1f} | {step[name] / step['lit_opd']:.2f}× | "
+                     f"{loss[name]:.4f} |")
     total = step["lit_opd"]
     lines += ["", "Where lit_opd's step goes (median ms) against the same work as raw torch calls:", "",
               "| part | lit_opd step | raw torch |", "|---|---|---|"]
@@ -293,7 +299,8 @@ def report(step: dict, loss: dict, breakdown: dict, raw: dict, args: argparse.Na
     for name, ours, floor in rows:
         lines.append(f"| {name} | {ours * 1e3:.1f} | {floor * 1e3:.1f} |")
     raw_sum = sum(raw.values())
-    lines.append(f"| everything else (Lightning loop, logging, data) | {(total - sum(r[1] for r in rows)) * 1e3:.1f} | – |")
+    rest = total - sum(r[1] for r in rows)
+    lines.append(f"| everything else (Lightning loop, logging, data) | {rest * 1e3:.1f} | – |")
     lines.append(f"| **whole step** | **{total * 1e3:.1f}** | **{raw_sum * 1e3:.1f}** (step / raw = "
                  f"{total / raw_sum:.2f}) |")
     return "\n".join(lines) + "\n"

@@ -12,15 +12,16 @@ and how many text requests per second a text-only teacher gets through.
    teacher (completions mode, 4 new tokens), at concurrency 1, 4 and 16.
 
     python benchmarks/bench_remote_teacher.py            # 3 rounds × 30 steps, 96 text requests
-    python benchmarks/bench_remote_teacher.py --quick    # 1 round × 10 steps, 32 text requests
+    python benchmarks/bench_remote_teacher.py --quick    # 1 round × 10 steps, 32 text requests; no plot
+    python benchmarks/bench_remote_teacher.py --no-record  # the full run; remote_teacher.png untouched
 
-Ends with ``RESULT server_teacher_step_overhead <server / in-process>`` and writes
-``benchmarks/remote_teacher.png``.
+Prints its two tables, writes ``benchmarks/remote_teacher.png`` (not with ``--quick`` or
+``--no-record``) and ends with ``RESULT server_teacher_step_overhead <server / in-process>``. Its
+RESULTS.md section is written by hand from the tables.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from common import add_record_options, arg_parser, print_result, pyplot, step_timer, trainer  # noqa: E402
 
 from lit_opd import Divergence, HFTeacher, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
 from lit_opd.tasks import AdditionTask  # noqa: E402
@@ -46,24 +48,10 @@ STUDENT = str(ROOT / "lit_opd/assets/addition/student")
 K, BATCH, THREADS = 8, 64, 2
 
 
-class StepTimer(L.Callback):
-    """Wall time from one step's end to the next's (rollout, teacher, loss, update: all of it)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._last = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        now = time.perf_counter()
-        if self._last is not None:
-            self.times.append(now - self._last)
-        self._last = now
-
-
-def datamodule() -> RolloutDataModule:
+def datamodule(tokenizer: str | None = None) -> RolloutDataModule:
     task = AdditionTask(max_digits=3, reverse_answer=True)
     return RolloutDataModule(TaskPrompts(task, num_rows=4000, seed=4), batch_size=BATCH,
-                             sampling=SamplingParams(max_new_tokens=6, temperature=1.0))
+                             sampling=SamplingParams(max_new_tokens=6, temperature=1.0), tokenizer=tokenizer)
 
 
 def run_opd(teacher, steps: int) -> float:  # noqa: ANN001
@@ -71,18 +59,17 @@ def run_opd(teacher, steps: int) -> float:  # noqa: ANN001
     L.seed_everything(0, verbose=False)
     module = OPDModule(STUDENT, teacher, objective=Divergence(kind="jsd", beta=0.0, top_k=K),
                        optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0))
-    timer = StepTimer()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    trainer.fit(module, datamodule())
+    timer = step_timer()  # wall time from one step's end to the next's: rollout, teacher, loss, update
+    # Lightning's own validation defaults, as this benchmark has always run: a sanity check before step 1
+    fit = trainer(steps, [timer], devices="auto", limit_val_batches=None, num_sanity_val_steps=None)
+    fit.fit(module, datamodule())
     return statistics.median(timer.times[2:])
 
 
 def score_time(teacher, repeats: int = 10) -> float:  # noqa: ANN001
     """Median seconds of ``teacher.score`` on one quickstart rollout batch."""
     module = OPDModule(STUDENT, HFTeacher(TEACHER), objective=Divergence(top_k=K))
-    data = datamodule()
-    data.tokenizer = module.tokenizer  # no trainer to take it from
+    data = datamodule(tokenizer=STUDENT)  # the module's tokenizer: there is no trainer to hand it over
     data.setup("fit")
     batch = data.rollout(next(iter(data.train_dataloader())), module, "student", step=0)
     times = []
@@ -95,8 +82,8 @@ def score_time(teacher, repeats: int = 10) -> float:  # noqa: ANN001
 
 def step_overhead(rounds: int, steps: int) -> dict:
     port = free_port()
-    argv = python_argv("-m", "lit_opd", "serve-teacher", "--model", TEACHER, "--k", str(K), "--port", str(port),
-                       "--device", "cpu")
+    argv = python_argv("-m", "lit_opd", "serve-teacher", "--model", TEACHER, "--k", str(K),
+                       "--port", str(port), "--device", "cpu")
     with running_server(argv, port, env={"OMP_NUM_THREADS": str(THREADS)}) as root:
         server = ServerTeacher(base_url=f"{root}/v1", model=TEACHER, k=K)
         local = HFTeacher(TEACHER)
@@ -131,11 +118,7 @@ def text_rate(requests: int, levels: tuple[int, ...] = (1, 4, 16)) -> dict[int, 
 
 
 def plot(result: dict, rates: dict[int, float], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     names = list(result["step"])
     left.bar(names, [1000 * result["step"][n] for n in names], color=["#4c72b0", "#dd8452"])
@@ -155,8 +138,9 @@ def plot(result: dict, rates: dict[int, float], out: Path) -> None:
 
 def main() -> None:
     global THREADS
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser = arg_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="1 round × 10 steps, 32 requests; no plot")
+    add_record_options(parser, " and benchmarks/remote_teacher.png", results_file=False)
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads on each side (2)")
     args = parser.parse_args()
     THREADS = args.threads
@@ -173,8 +157,9 @@ def main() -> None:
     print("|---|---|")
     for level, rate in rates.items():
         print(f"| {level} | {rate:.1f} |")
-    plot(result, rates, ROOT / "benchmarks" / "remote_teacher.png")
-    print(f"RESULT server_teacher_step_overhead {ratio:.3f}")
+    if not (args.quick or args.no_record):
+        plot(result, rates, ROOT / "benchmarks" / "remote_teacher.png")
+    print_result("server_teacher_step_overhead", ratio, digits=3)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ of work: every row generates ``max_new_tokens`` tokens (EOS disabled on both sid
 interleaved (ours, HF, ours, HF, …) and the median of each is compared.
 
     python benchmarks/bench_rollout.py            # batch 16 and 64 × 32 and 128 new tokens
-    python benchmarks/bench_rollout.py --quick
+    python benchmarks/bench_rollout.py --quick       # one shape, one repeat; records nothing
+    python benchmarks/bench_rollout.py --no-record   # RESULTS.md and rollout.png untouched
 
 On a CUDA device it adds a Qwen3-0.6B layout (bf16, random init) and a column for the lean step
 without its CUDA graph (``SamplingParams(cuda_graph=False)``), which isolates what the graph buys.
@@ -13,7 +14,6 @@ without its CUDA graph (``SamplingParams(cuda_graph=False)``), which isolates wh
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
+from common import add_record_options, arg_parser, print_result, pyplot, record  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 from lit_opd.rollout.sampling import sample  # noqa: E402
@@ -38,7 +39,8 @@ def models(device: str) -> dict[str, torch.nn.Module]:
         num_key_value_heads=4, head_dim=64, max_position_embeddings=512, pad_token_id=0, eos_token_id=3,
         tie_word_embeddings=True))
     small = AutoModelForCausalLM.from_pretrained(ROOT / "lit_opd/assets/addition/student")
-    found = {"quickstart student (0.35M)": small.to(device).eval(), "Qwen3 h512 L8 (25M)": mid.to(device).eval()}
+    found = {"quickstart student (0.35M)": small.to(device).eval(),
+             "Qwen3 h512 L8 (25M)": mid.to(device).eval()}
     if device == "cuda":
         with torch.device(device):
             big = Qwen3ForCausalLM(Qwen3Config(
@@ -73,9 +75,9 @@ def compare(model, batch: int, new_tokens: int, repeats: int, device: str) -> di
         ours(SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False, cuda_graph=False))
 
     def hf() -> None:
-        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=0, output_scores=True,
-                             return_dict_in_generate=True)
+        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True)
         assert out.sequences.shape[1] == enc.input_ids.shape[1] + new_tokens
 
     runs = {"ours": ours, "hf": hf, **({"eager": eager} if device == "cuda" else {})}
@@ -96,11 +98,7 @@ def compare(model, batch: int, new_tokens: int, repeats: int, device: str) -> di
 
 
 def plot(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     labels = [f"{r['model'].split(' (')[0]}\nB{r['batch']}×{r['new']}" for r in rows]
     x = range(len(rows))
@@ -109,7 +107,8 @@ def plot(rows: list[dict], out: Path) -> None:
         series.append(("eager_tok_s", "lean step, no CUDA graph"))
     width = 0.8 / len(series)
     for j, (key, label) in enumerate(series):
-        ax.bar([i + (j - (len(series) - 1) / 2) * width for i in x], [r[key] for r in rows], width, label=label)
+        offset = (j - (len(series) - 1) / 2) * width
+        ax.bar([i + offset for i in x], [r[key] for r in rows], width, label=label)
     ax.set_yscale("log")
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("generated tokens / s")
@@ -119,17 +118,19 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-record", action="store_true")
+    add_record_options(parser, " and benchmarks/rollout.png")
     parser.add_argument("--machine", default="2-core CPU")
-    parser.add_argument("--shapes", default="16x32,16x128,64x32,64x128", help="batch x new tokens, comma separated")
+    parser.add_argument("--shapes", default="16x32,16x128,64x32,64x128",
+                        help="batch x new tokens, comma separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [(16, 32)] if args.quick else [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+    shapes = ([(16, 32)] if args.quick
+              else [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")])
     rows = []
     for name, model in models(device).items():
         for batch, new in shapes:
@@ -139,7 +140,8 @@ def main() -> None:
     machine = torch.cuda.get_device_name(0) if device == "cuda" else args.machine
     eager = device == "cuda"
     lines = [f"\n## Rollout throughput — {datetime.date.today()} — {machine}\n",
-             f"`python benchmarks/bench_rollout.py` ({device}, {args.threads} threads, sampling at temperature 1, "
+             f"`python benchmarks/bench_rollout.py` ({device}, {args.threads} threads, sampling at "
+             "temperature 1, "
              "every row generates exactly the new-token budget, median of interleaved repeats). "
              "Plot: `benchmarks/rollout.png`.\n",
              "| model | batch × new tokens | lit_opd tok/s | HF generate tok/s | speed-up |"
@@ -155,9 +157,8 @@ def main() -> None:
         Path(out_dir, "rollout_gpu.md").write_text(table)
     elif not args.no_record and not args.quick:
         plot(rows, ROOT / "benchmarks" / "rollout.png")
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
-            fh.write(table)
-    print(f"RESULT rollout_speedup_vs_hf {statistics.median(r['speedup'] for r in rows):.3f}")
+        record(args, table)
+    print_result("rollout_speedup_vs_hf", statistics.median(r["speedup"] for r in rows), digits=3)
 
 
 if __name__ == "__main__":

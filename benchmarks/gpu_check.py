@@ -1,9 +1,11 @@
 """GPU path check: bf16 mixed precision, a 4-bit teacher, and FSDP, on ~0.5B-scale models built
 from a config (no download). Prints one table row per path: rollout tokens/s, median step time,
-peak GPU memory; appends the table to benchmarks/RESULTS.md with ``--record``.
+peak GPU memory; on a GPU, writes the table as its section of benchmarks/RESULTS.md (replacing the
+section of the same heading: date aside, the same device), unless ``--no-record``.
 
-    python benchmarks/gpu_check.py            # on a CUDA machine (< 8 minutes on one H100/H200)
-    python benchmarks/gpu_check.py --dry-run  # tiny sizes on CPU: checks the script itself
+    python benchmarks/gpu_check.py              # on a CUDA machine (< 8 minutes on one H100/H200)
+    python benchmarks/gpu_check.py --no-record  # the same; RESULTS.md untouched
+    python benchmarks/gpu_check.py --dry-run    # tiny sizes on CPU: checks the script itself
 
 Models: student = Qwen3-0.6B layout (28 layers, h1024, vocab 151936), teacher = Qwen3-1.7B layout
 (28 layers, h2048), both random init; the character tokenizer feeds them. Random models rarely
@@ -19,24 +21,25 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from common import add_record_options, arg_parser, qwen3_config, record, step_timer, trainer  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-from lit_opd import Divergence, HFTeacher, ModelSpec, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
+from lit_opd import (  # noqa: E402
+    Divergence,
+    HFTeacher,
+    ModelSpec,
+    OPDModule,
+    RolloutDataModule,
+    SamplingParams,
+    TaskPrompts,
+)
 from lit_opd.tasks import AdditionTask, char_tokenizer  # noqa: E402
-
-
-def qwen3_config(hidden: int, layers: int, inter: int, vocab: int, heads: int = 16, kv: int = 8) -> Qwen3Config:
-    return Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
-        max_position_embeddings=4096, pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True,
-    )
 
 
 def save_model(config: Qwen3Config, path: Path, tok) -> str:  # noqa: ANN001
@@ -48,24 +51,6 @@ def save_model(config: Qwen3Config, path: Path, tok) -> str:  # noqa: ANN001
     return str(path)
 
 
-class StepTimer(L.Callback):
-    """Wall time of each training step including its rollout (batch transfer happens before
-    on_train_batch_start, so time from the previous batch end)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.tokens: list[int] = []
-        self._last = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        now = time.perf_counter()
-        if self._last is not None:
-            self.times.append(now - self._last)
-            self.tokens.append(batch.num_tokens)
-        self._last = now
-        self.rollout_s = getattr(self, "rollout_s", []) + [batch.rollout_seconds]
-
-
 def run_path(name: str, student: str, teacher: ModelSpec, trainer_kwargs: dict, steps: int, batch: int,
              new_tokens: int, cuda_graph: bool = True) -> dict:
     tok = char_tokenizer()
@@ -75,35 +60,58 @@ def run_path(name: str, student: str, teacher: ModelSpec, trainer_kwargs: dict, 
         TaskPrompts(AdditionTask(1, 3), num_rows=4096), val_size=0, batch_size=batch,
         sampling=SamplingParams(max_new_tokens=new_tokens, cuda_graph=cuda_graph), tokenizer=None,
     )
-    timer = StepTimer()
+    # Each step's wall time includes its rollout (the batch transfer happens before on_train_batch_start,
+    # so the timer measures from the previous step's end); the first step is warm-up.
+    timer = step_timer()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0, **trainer_kwargs)
+    fit = trainer(steps, [timer], enable_model_summary=True, **trainer_kwargs)
     start = time.perf_counter()
-    trainer.fit(module, data)
+    fit.fit(module, data)
     wall = time.perf_counter() - start
     step_s = statistics.median(timer.times) if timer.times else float("nan")
     rollout_s = statistics.median(timer.rollout_s[1:]) if len(timer.rollout_s) > 1 else float("nan")
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    # tokens a second of each step after the first (the first is warm-up, as for the step times)
+    per_step = [t / s for t, s in zip(timer.tokens[1:], timer.times)]
+    train_tok_s = statistics.median(per_step) if per_step else 0
     return {
         "path": name, "step_s": step_s, "rollout_tok_s": batch * new_tokens / rollout_s,
-        "train_tok_s": statistics.median(t / s for t, s in zip(timer.tokens, timer.times)) if timer.times else 0,
-        "peak_gib": peak, "wall_s": wall, "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "train_tok_s": train_tok_s,
+        "peak_gib": peak, "wall_s": wall, "loss": float(fit.callback_metrics.get("train/loss", float("nan"))),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="tiny models on CPU")
-    parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+def parse_args() -> argparse.Namespace:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--dry-run", action="store_true", help="tiny models on CPU; records nothing")
+    add_record_options(parser)
+    # --record was the opt-in before a GPU run recorded by default; gpu_check.sh still passes it
+    parser.add_argument("--record", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--paths", default="bf16,bf16_eager,bf16_4bit_teacher,fsdp",
-                        help="bf16_eager: the bf16 path with the rollout's CUDA graph off (the baseline for it)")
+                        help="bf16_eager: the bf16 path with the rollout's CUDA graph off (its baseline)")
     args = parser.parse_args()
-    gpu = torch.cuda.is_available() and not args.dry_run
-    if not gpu and not args.dry_run:
-        sys.exit("no CUDA device: run with --dry-run to check the script on CPU")
+    if args.record:
+        warnings.warn("--record is deprecated: a GPU run records unless --no-record", FutureWarning,
+                      stacklevel=1)
+    return args
+
+
+def plans(teacher_dir: str, gpu: bool) -> dict[str, tuple[ModelSpec, dict]]:
+    """Each path's teacher and Trainer settings."""
+    bf16 = "bf16-mixed" if gpu else "32-true"
+    return {
+        "bf16": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16)),
+        "bf16_eager": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16)),
+        "bf16_4bit_teacher": (ModelSpec(teacher_dir, dtype="bfloat16", quantization="4bit"),
+                              dict(precision=bf16)),
+        "fsdp": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16, strategy="fsdp")),
+    }
+
+
+def run_paths(args: argparse.Namespace, gpu: bool) -> list[dict]:
+    """One row per path in ``--paths`` (a failed path's row carries its error)."""
     tok = char_tokenizer()
     if gpu:
         student_cfg = qwen3_config(1024, 28, 3072, 151936)
@@ -116,47 +124,46 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         student = save_model(student_cfg, Path(tmp) / "student", tok)
-        teacher_dir = save_model(teacher_cfg, Path(tmp) / "teacher", tok)
-        bf16 = "bf16-mixed" if gpu else "32-true"
-        plans = {
-            "bf16": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16)),
-            "bf16_eager": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16)),
-            "bf16_4bit_teacher": (ModelSpec(teacher_dir, dtype="bfloat16", quantization="4bit"),
-                                  dict(precision=bf16)),
-            "fsdp": (ModelSpec(teacher_dir, dtype="bfloat16"), dict(precision=bf16, strategy="fsdp")),
-        }
+        path_plans = plans(save_model(teacher_cfg, Path(tmp) / "teacher", tok), gpu)
         for name in args.paths.split(","):
-            teacher, extra = plans[name]
+            teacher, extra = path_plans[name]
             if not gpu and name == "fsdp":
                 print("skip fsdp on CPU (Lightning's FSDP needs a GPU)")
                 continue
             try:
-                rows.append(run_path(name, student, teacher, {**accel, **extra}, args.steps, batch, new_tokens,
-                                     cuda_graph=name != "bf16_eager"))
+                rows.append(run_path(name, student, teacher, {**accel, **extra}, args.steps, batch,
+                                     new_tokens, cuda_graph=name != "bf16_eager"))
             except Exception as err:  # report every path, even when one fails
                 rows.append({"path": name, "error": f"{type(err).__name__}: {err}"[:300]})
             if gpu:
                 torch.cuda.empty_cache()
-    table = render(rows, gpu)
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    gpu = torch.cuda.is_available() and not args.dry_run
+    if not gpu and not args.dry_run:
+        sys.exit("no CUDA device: run with --dry-run to check the script on CPU")
+    table = render(run_paths(args, gpu), gpu)
     print(table)
-    if args.record:
-        with open(Path(__file__).parent / "RESULTS.md", "a") as fh:
-            fh.write(table + "\n")
+    if gpu:  # a dry run's figures are not results
+        record(args, table)
     if os.environ.get("OUT"):  # the device tool returns files written under $OUT
         Path(os.environ["OUT"], "gpu_check.md").write_text(table + "\n")
 
 
 def render(rows: list[dict], gpu: bool) -> str:
     device = torch.cuda.get_device_name(0) if gpu else "CPU (dry run)"
-    lines = [f"\n### GPU path check — {datetime.date.today()} — {device}\n",
+    lines = [f"## GPU path check — {datetime.date.today()} — {device}\n",
              "| path | median step (s) | rollout tok/s | train tok/s | peak GPU mem (GiB) | loss | note |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['path']} | – | – | – | – | – | FAILED: {r['error']} |")
         else:
-            lines.append(f"| {r['path']} | {r['step_s']:.3f} | {r['rollout_tok_s']:.0f} | {r['train_tok_s']:.0f} | "
-                         f"{r['peak_gib']:.2f} | {r['loss']:.4f} | |")
+            lines.append(f"| {r['path']} | {r['step_s']:.3f} | {r['rollout_tok_s']:.0f} | "
+                         f"{r['train_tok_s']:.0f} | {r['peak_gib']:.2f} | {r['loss']:.4f} | |")
     return "\n".join(lines)
 
 

@@ -10,4 +10,4 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "${1:-}" = "--dry-run" ] || ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   exec python benchmarks/gpu_check.py --dry-run
 fi
-exec timeout 480 python benchmarks/gpu_check.py --steps 8 --record
+exec timeout 480 python benchmarks/gpu_check.py --steps 8
