@@ -40,12 +40,8 @@ from common import ROOT, trainer  # noqa: E402
 
 from lit_opd import Divergence, HFTeacher, OPDModule, RolloutDataModule, SamplingParams, TaskPrompts  # noqa: E402
 from lit_opd.methods.eff_opd import EffOPDCallback, UpdateDynamicsCallback  # noqa: E402
-from lit_opd.methods.eff_opd.callback import (  # noqa: E402
-    held_out_rollouts,
-    loss_score,
-    policy_of,
-    select_parameters,
-)
+from lit_opd.methods.eff_opd.held_out import held_out_rollouts, loss_score  # noqa: E402
+from lit_opd.methods.eff_opd.parameters import policy_of, select_parameters  # noqa: E402
 from lit_opd.tasks import AdditionTask  # noqa: E402
 
 

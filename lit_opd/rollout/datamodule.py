@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader
 from lit_opd.errors import SettingError
 from lit_opd.rollout.distributed import generation_context, ranks_agree
 from lit_opd.rollout.engines import BuiltinEngine, RolloutEngine
-from lit_opd.rollout.evaluation import Evaluation, greedy_accuracy
+from lit_opd.rollout.evaluation import Evaluation, greedy_accuracy, greedy_correct
 from lit_opd.rollout.prompts import (
     PromptConsumer, PromptTokenizer, collate_prompts, dataset_completions, decode_completions, eos_ids,
 )
 from lit_opd.rollout.sampler import GroupedPromptSampler, ResumablePromptSampler, row_groups
 from lit_opd.rollout.sampling import SampleOutput
 from lit_opd.rollout.settings import (
+    check_batch_sizes,
     check_positions,
     check_val_size,
     data_seed,
@@ -113,34 +114,27 @@ class RolloutDataModule(L.LightningDataModule):
         test_source: PromptSource | None = None,
     ) -> None:
         super().__init__()
-        for name, size in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
-            if size is not None and size < 1:
-                raise SettingError(f"RolloutDataModule.{name} must be >= 1, got {size}")
+        check_batch_sizes(batch_size, val_batch_size)
         check_val_size(val_size)
-        self.source, self.val_source, self.val_size = source, val_source, val_size
-        self.batch_size = batch_size
-        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
-        self.sampling = sampling
-        self.evaluation, self.test_source = evaluation, test_source
-        self.val_sampling = evaluation.sampling_params(val_max_new_tokens or sampling.max_new_tokens)
-        self.prompt_settings = dict(
-            max_prompt_tokens=max_prompt_tokens,
-            over_long=over_long_prompts,
-            use_chat_template=use_chat_template,
-            system_prompt=system_prompt,
-            chat_template=chat_template,
-            chat_template_kwargs=chat_template_kwargs,
-        )
         check_verifier(verifier)
-        self.verifier = verifier
+        self.source, self.val_source, self.test_source = source, val_source, test_source
+        self.val_size = val_size
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.sampling, self.evaluation, self.verifier = sampling, evaluation, verifier
+        self.val_sampling = evaluation.sampling_params(val_max_new_tokens or sampling.max_new_tokens)
+        self.prompt_settings = dict(  # PromptTokenizer's arguments
+            max_prompt_tokens=max_prompt_tokens, over_long=over_long_prompts,
+            use_chat_template=use_chat_template, system_prompt=system_prompt,
+            chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+        )
         self.seed, self.num_workers, self.tokenizer_path = seed, num_workers, tokenizer
         self.group_field = group_field
         self.engine = engine if engine is not None else BuiltinEngine()
-        self.test_rows: list[dict] = []
         self._weight_edits = 0  # weight changes outside optimizer steps (EffOPD, a checkpoint load)
         self.tokenizer = None
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
+        self.test_rows: list[dict] = []
         self._skipped = 0  # training rows dropped as over-long (over_long_prompts="skip")
         self._epoch_position = {"epoch": 0, "batches_done": 0}
 
@@ -237,20 +231,21 @@ class RolloutDataModule(L.LightningDataModule):
             sampler = GroupedPromptSampler(groups, **position)
         else:
             sampler = ResumablePromptSampler(len(self.train_rows), **position)
-        return self._loader(self.train_rows, self.batch_size, sampler=sampler, drop_last=True)
+        return self.loader(self.train_rows, self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_rows:
             return []
-        return self._loader(self.val_rows, self.val_batch_size)
+        return self.loader(self.val_rows, self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader | list:
         """``test_source``'s prompts, or the validation prompts when it is None."""
         if not self.test_rows:
             return []
-        return self._loader(self.test_rows, self.val_batch_size)
+        return self.loader(self.test_rows, self.val_batch_size)
 
-    def _loader(self, rows: list[dict], batch_size: int, **kwargs) -> DataLoader:  # noqa: ANN003
+    def loader(self, rows: list[dict], batch_size: int, **kwargs) -> DataLoader:  # noqa: ANN003
+        """A DataLoader of left-padded PromptBatches over encoded ``rows`` (as ``setup`` makes them)."""
         pad_id = self.tokenizer.pad_token_id
         return DataLoader(
             rows,
@@ -388,18 +383,7 @@ class RolloutDataModule(L.LightningDataModule):
     def greedy_correct(self, rows: list[dict], module: L.LightningModule) -> tuple[float, int]:
         """(prompts the verifier accepts, prompts) for greedy completions of ``rows`` by the student:
         greedy whatever ``evaluation`` says, so callbacks compare deterministic numbers."""
-        params = SamplingParams(max_new_tokens=self.val_sampling.max_new_tokens, greedy=True)
-        policy, correct = module.policy, 0.0
-        was_training = policy.training
-        policy.eval()
-        try:
-            with generation_context(getattr(self, "trainer", None)):
-                for batch in self._loader(rows, self.val_batch_size):
-                    rollout = self.complete(policy, batch.to(module.device), params, seed=0, source="greedy")
-                    correct += float(self.grade(rollout).sum())
-        finally:
-            policy.train(was_training)
-        return correct, len(rows)
+        return greedy_correct(self, rows, module)
 
     def decode(self, rollout: RolloutBatch) -> list[str]:
         return decode_completions(self.tokenizer, rollout.completion_ids_BT, rollout.completion_mask_BT)

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 
 from lit_opd.errors import SettingError
-from lit_opd.rollout.distributed import is_sharded
+from lit_opd.rollout.distributed import generation_context, is_sharded
 from lit_opd.rollout.prompts import decode_completions
 from lit_opd.types import RolloutBatch, SamplingParams
 
@@ -298,3 +298,22 @@ def greedy_accuracy(datamodule: RolloutDataModule, module: L.LightningModule) ->
         totals = torch.tensor([correct, count], dtype=torch.float64, device=module.device)
         correct, count = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
     return {"accuracy": correct / count, "num_prompts": int(count), "decoded_here": len(rows)}
+
+
+def greedy_correct(
+    datamodule: RolloutDataModule, rows: list[dict], module: L.LightningModule,
+) -> tuple[float, int]:
+    """:meth:`RolloutDataModule.greedy_correct`: the student's greedy completions of ``rows``, graded."""
+    params = SamplingParams(max_new_tokens=datamodule.val_sampling.max_new_tokens, greedy=True)
+    policy, correct = module.policy, 0.0
+    was_training = policy.training
+    policy.eval()
+    try:
+        with generation_context(getattr(datamodule, "trainer", None)):
+            for batch in datamodule.loader(rows, datamodule.val_batch_size):
+                batch = batch.to(module.device)
+                rollout = datamodule.complete(policy, batch, params, seed=0, source="greedy")
+                correct += float(datamodule.grade(rollout).sum())
+    finally:
+        policy.train(was_training)
+    return correct, len(rows)

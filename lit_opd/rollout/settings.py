@@ -40,6 +40,13 @@ def rollout_seed(seed: int, step: int, rank: int, source: str) -> int:
     return generator_seed(((seed * 1_000_003 + step) * 4099 + rank) * 4 + code)
 
 
+def check_batch_sizes(batch_size: int, val_batch_size: int | None) -> None:
+    """Both at least 1 (None: validation uses ``batch_size``)."""
+    for name, size in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+        if size is not None and size < 1:
+            raise SettingError(f"RolloutDataModule.{name} must be >= 1, got {size}")
+
+
 def check_val_size(val_size: object) -> None:
     """A fraction in [0, 1) or a whole count >= 0 (0 disables validation); nothing in between."""
     count = isinstance(val_size, numbers.Integral) and not isinstance(val_size, bool) and val_size >= 0

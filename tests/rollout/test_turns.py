@@ -235,7 +235,7 @@ def test_full_mode_puts_tool_spans_in_the_completion_with_no_loss_weight():
     dm.tokenizer = tok
     dm.setup("fit")
     assert [r["row"]["messages"] for r in dm.train_rows] == [r["messages"][:1] for r in TASK.make_rows(2, 0)]
-    batch = next(iter(dm._loader(dm.train_rows, 2)))
+    batch = next(iter(dm.loader(dm.train_rows, 2)))
     rollout = dm.rollout(batch, types.SimpleNamespace(policy=torch.nn.Linear(1, 1)), "student", step=0)
     for b, messages in enumerate(r["messages"] for r in TASK.make_rows(2, 0)):
         a1, t1, a2, t2, a3 = (m["content"] for m in messages[1:])
@@ -261,7 +261,7 @@ def test_full_mode_stops_at_max_turns_and_needs_a_tool():
     dm.tokenizer = tok
     dm.setup("fit")
     holder = types.SimpleNamespace(policy=torch.nn.Linear(1, 1))
-    rollout = dm.rollout(next(iter(dm._loader(dm.train_rows, 2))), holder, "student", step=0)
+    rollout = dm.rollout(next(iter(dm.loader(dm.train_rows, 2))), holder, "student", step=0)
     texts = [tok.decode(ids[m].tolist())
              for ids, m in zip(rollout.completion_ids_BT, rollout.completion_mask_BT)]
     assert [text.count("tool: ") for text in texts] == [1, 1]

@@ -32,10 +32,9 @@ Run: ``python -m lit_opd fit --config configs/eff_opd/quickstart.yaml``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -46,15 +45,12 @@ from torch.distributed.tensor import DTensor
 
 from lit_opd.errors import SettingError
 from lit_opd.methods.base import PolicyModule
+from lit_opd.methods.eff_opd.held_out import held_out_rollouts, loss_score, scoring_context
+from lit_opd.methods.eff_opd.parameters import (
+    DEFAULT_MODULES, cpu_copy, local_tensor, policy_of, select_parameters,
+)
 from lit_opd.rollout.datamodule import RolloutDataModule
 from lit_opd.types import RolloutBatch
-
-#: Substrings (matched in the lower-cased parameter name) of the parameters EffOPD moves: attention
-#: and MLP blocks; embeddings, norms outside them and the LM head stay put (README.md, "The line search").
-DEFAULT_MODULES: tuple[str, ...] = (
-    "attn", "self_attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj",
-    "mlp", "feed_forward", "ffn", "gate_proj", "up_proj", "down_proj",
-)
 
 ScoreFn = Callable[[L.Trainer, L.LightningModule], float]
 
@@ -134,75 +130,6 @@ def extrapolation_search(
     for a, p in zip(anchor, params):
         a.copy_(p)
     return result
-
-
-# ----- which parameters move ------------------------------------------------------------------
-def select_parameters(
-    model: nn.Module, include: Sequence[str] = DEFAULT_MODULES
-) -> list[tuple[str, nn.Parameter]]:
-    """Trainable parameters whose lower-cased name contains one of ``include``."""
-    keys = [k.lower() for k in include]
-    return [
-        (n, p) for n, p in model.named_parameters() if p.requires_grad and any(k in n.lower() for k in keys)
-    ]
-
-
-def _cpu_copy(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in tensors.items()}
-
-
-def local_tensor(param: Tensor) -> Tensor:
-    """The tensor this rank holds: the parameter's data, or its local shard for a ``DTensor``."""
-    data = param.data
-    return data.to_local() if isinstance(data, DTensor) else data
-
-
-def policy_of(pl_module: L.LightningModule) -> nn.Module:
-    """The student: ``pl_module.policy`` for a lit_opd method, else the module itself (a plain
-    LightningModule is its own model)."""
-    return pl_module.policy if isinstance(pl_module, PolicyModule) else pl_module
-
-
-# ----- held-out scores ------------------------------------------------------------------------
-def loss_score(pl_module: L.LightningModule, batches: Sequence[RolloutBatch]) -> float:
-    """− mean over ``batches`` of the method's own loss against its teacher (no grad)."""
-    total = 0.0
-    for batch in batches:
-        total += float(pl_module.score_loss(batch))
-    return -total / len(batches)
-
-
-@contextlib.contextmanager
-def scoring_context(pl_module: L.LightningModule, seed: int) -> Iterator[None]:
-    """No grad, the student in eval mode, and a fixed seed whose draws leave the training RNG
-    streams exactly where they were."""
-    device = pl_module.device
-    policy = policy_of(pl_module)
-    modes = {m: m.training for m in policy.modules()}
-    devices = [] if device.type == "cpu" else [device]
-    device_type = "cuda" if device.type == "cpu" else device.type
-    with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
-        torch.manual_seed(seed)
-        policy.eval()
-        try:
-            yield
-        finally:
-            for module, training in modes.items():
-                module.train(training)
-
-
-def held_out_rollouts(
-    datamodule: RolloutDataModule, pl_module: L.LightningModule, seed: int, max_batches: int | None = None
-) -> list[RolloutBatch]:
-    """The student's rollouts of ``datamodule``'s validation prompts (at most ``max_batches``
-    batches), drawn inside :func:`scoring_context`: the held-out batches of the loss score."""
-    rollouts = []
-    with scoring_context(pl_module, seed):
-        for i, batch in enumerate(datamodule.val_dataloader()):
-            if i == max_batches:
-                break
-            rollouts.append(datamodule.rollout(batch.to(pl_module.device), pl_module, "student", 0))
-    return rollouts
 
 
 # ----- the callback ---------------------------------------------------------------------------
@@ -404,7 +331,7 @@ class EffOPDCallback(L.Callback):
 
     # ----- checkpoint -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        anchor = None if self.anchor is None else _cpu_copy(self.anchor)
+        anchor = None if self.anchor is None else cpu_copy(self.anchor)
         return {"anchor": anchor, "last_trigger_step": self.last_trigger_step, "sharded": self._sharded,
                 "history": [dict(r) for r in self.history], "loss_cache": self._loss_cache}
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from lit_opd.errors import SettingError
-from lit_opd.methods.eff_opd.callback import DEFAULT_MODULES, policy_of, select_parameters
+from lit_opd.methods.eff_opd.parameters import DEFAULT_MODULES, policy_of, select_parameters
 
 
 @torch.no_grad()

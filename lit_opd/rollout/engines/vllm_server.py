@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +47,7 @@ from lit_opd.rollout.engines.vllm import (
     request_seeds,
     to_sample_output,
 )
-from lit_opd.rollout.engines.weights import hf_weights
+from lit_opd.rollout.engines.weights import StudentWeights, hf_weights, save_weights
 from lit_opd.rollout.sampling import SampleOutput
 from lit_opd.types import SamplingParams
 
@@ -97,41 +97,6 @@ class Server:
                 f"{SETTING}: cannot reach the vLLM server at {self.url} ({type(err).__name__}). Start it "
                 f"first (`{serve_command()}`) or fix {SETTING}.init_args.urls."
             ) from None
-
-
-class StudentWeights:
-    """The student's weights as a vLLM ``WeightSource`` (``metadata()``, a fresh pass per ``iter``),
-    what the NCCL trainer engine broadcasts. Names, dtypes and shapes are read once."""
-
-    def __init__(self, policy: nn.Module) -> None:
-        self.policy, self._meta = policy, None
-
-    def metadata(self) -> list:
-        from vllm.distributed.weight_transfer.base import ParamMeta
-
-        if self._meta is None:
-            self._meta = [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in hf_weights(self.policy)]
-        return list(self._meta)
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return hf_weights(self.policy)
-
-
-def save_weights(policy: nn.Module, path: str) -> None:
-    """``policy``'s weights (:func:`hf_weights`) as one safetensors file at ``path``, atomically (a
-    reader sees the old file or the new one); tensors that share storage (tied embeddings) apart."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for name, tensor in hf_weights(policy):
-        tensor = tensor.detach().to("cpu").contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        tensors[name] = tensor.clone() if storage in storages else tensor
-        storages.add(storage)
-    partial = f"{path}.{os.getpid()}.partial"
-    save_file(tensors, partial)
-    os.replace(partial, path)
 
 
 def completion_request(params: SamplingParams, eos_token_ids: list[int], seed: int) -> dict:

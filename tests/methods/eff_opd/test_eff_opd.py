@@ -11,13 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lit_opd.methods.eff_opd.callback import (
-    EffOPDCallback,
-    extrapolation_search,
-    multipliers,
-    scoring_context,
-    select_parameters,
-)
+from lit_opd.methods.eff_opd.callback import EffOPDCallback, extrapolation_search, multipliers
+from lit_opd.methods.eff_opd.held_out import scoring_context
+from lit_opd.methods.eff_opd.parameters import select_parameters
 
 FILTERED = ["layers.0.self_attn.q_proj", "layers.0.mlp.up_proj"]
 

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lit_opd import HFTeacher, OPDModule, SampledReward, RolloutDataModule, SamplingParams, TaskPrompts
-from lit_opd.methods.eff_opd.callback import EffOPDCallback, select_parameters
+from lit_opd.methods.eff_opd.callback import EffOPDCallback
+from lit_opd.methods.eff_opd.parameters import select_parameters
 from lit_opd.methods.eff_opd.dynamics import UpdateDynamicsCallback
 from lit_opd.tasks import AdditionTask
 from tests.integration.scripts.procs import REPO, clean_env, free_port, read_metrics, run, step_values
