@@ -276,8 +276,12 @@ def suspect_settings(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
     """The settings that most often make training non-finite, with their values, learning rate first."""
     found = []
     for optimizer in trainer.optimizers:
-        lrs = sorted({group["lr"] for group in optimizer.param_groups})
-        found.append(f"lr={', '.join(f'{lr:g}' for lr in lrs)} (the usual cause: try it 10x lower)")
+        # The lr the user set (a scheduler keeps it as initial_lr), then where the schedule has it now.
+        given = sorted({group.get("initial_lr", group["lr"]) for group in optimizer.param_groups})
+        now = sorted({group["lr"] for group in optimizer.param_groups})
+        scheduled = f", {', '.join(f'{lr:g}' for lr in now)} at this step" if now != given else ""
+        lr = ", ".join(f"{lr:g}" for lr in given)
+        found.append(f"lr={lr} (the usual cause: try it 10x lower{scheduled})")
     sampling = getattr(getattr(trainer, "datamodule", None), "sampling", None)
     if sampling is not None:
         found.append(f"sampling temperature={sampling.temperature:g}")
