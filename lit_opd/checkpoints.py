@@ -60,11 +60,14 @@ _LIGHTNING_KEYWORDS = ("last", "best", "hpc")
 
 
 # ----- reading ---------------------------------------------------------------------------------
-def read_checkpoint(path: str | Path, subject: str, consequence: str = "nothing was loaded") -> dict:
+def read_checkpoint(
+    path: str | Path, subject: str, consequence: str = "nothing was loaded", mmap: bool = False
+) -> dict:
     """``torch.load(path, weights_only=True)`` on the CPU; a damaged file or one that holds other
-    Python objects is a :class:`CheckpointError` / :class:`UnsafeCheckpoint` naming ``subject``."""
+    Python objects is a :class:`CheckpointError` / :class:`UnsafeCheckpoint` naming ``subject``.
+    ``mmap``: map the tensors instead of reading them (to look at the checkpoint's small entries)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         damage = damaged_checkpoint(err)
         if damage is not None:

@@ -137,8 +137,10 @@ class OPDCLI(LightningCLI):
         if ckpt_path == "last":
             ckpt_path = fit["ckpt_path"] = last_checkpoint(self.trainer)
             rank_zero_info(f"resuming from {ckpt_path}")
-            # Found only now, after the settings check a named file gets in _parse_ckpt_path.
-            saved = read_checkpoint(ckpt_path, f"ckpt_path={ckpt_path!r}").get("hyper_parameters", {})
+            # Found only now, after the settings check a named file gets in _parse_ckpt_path. Only the
+            # hparams are read: the tensors are mapped, not loaded a second time before Lightning's load.
+            saved = read_checkpoint(ckpt_path, f"ckpt_path={ckpt_path!r}", mmap=True)
+            saved = saved.get("hyper_parameters", {})
             refuse_changed_settings(saved, dict(self.config["fit"].model.init_args.items()), ckpt_path)
         if ckpt_path:
             for pattern in _RESUME_NOISE:

@@ -46,6 +46,17 @@ def _config(root: Path, name: str, student: str, teacher: str, max_steps: int = 
     )
 
 
+def _resume(tiny_run: tuple[Path, Path], *extra: str, command: str = "fit") -> list[str]:
+    """``COMMAND --config CONFIG --ckpt_path LAST *extra`` for the module's 2-step run."""
+    return [command, "--config", str(tiny_run[0]), "--ckpt_path", str(tiny_run[1]), *extra]
+
+
+def _one_more_step(root: Path) -> list[str]:
+    """Overrides for a resume that trains step 3 and writes nothing the other tests read."""
+    return ["--trainer.max_steps", "3", "--trainer.default_root_dir", str(root), "--trainer.callbacks", "[]",
+            "--trainer.logger", "false"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, student_dir, teacher_dir) -> tuple[Path, Path]:
     """One real 2-step fit through the CLI: its config and its ``last.ckpt``."""
@@ -184,24 +195,10 @@ def test_a_checkpoint_from_before_checksums_resumes_and_exports_with_a_note(
 
 # ----- settings changed on resume ----------------------------------------------------------------
 def test_another_beta_is_refused(tiny_run, monkeypatch, capsys):
-    line = refused(
-        [
-            "fit",
-            "--config",
-            str(tiny_run[0]),
-            "--ckpt_path",
-            str(tiny_run[1]),
-            "--model.init_args.objective.init_args.beta",
-            "0.9",
-        ],
-        monkeypatch,
-        capsys,
-    )
-    assert (
-        line
-        == f"error: ckpt_path='{tiny_run[1]}' was trained with other settings: objective beta 0.5 -> 0.9. "
-        f"{SETTINGS_FIX}"
-    )
+    beta = ("--model.init_args.objective.init_args.beta", "0.9")
+    assert refused(_resume(tiny_run, *beta), monkeypatch, capsys) == (
+        f"error: ckpt_path='{tiny_run[1]}' was trained with other settings: objective beta 0.5 -> 0.9. "
+        f"{SETTINGS_FIX}")
 
 
 def test_another_student_path_and_beta_are_listed_together(
@@ -240,64 +237,21 @@ def test_allow_teacher_change_on_the_command_line_is_not_undone_by_the_checkpoin
     """LightningCLI lays a checkpoint's saved hparams over the command line; the allow_* overrides
     given for this run must stand (here: another teacher on purpose)."""
     config = _config(tmp_path, "other_teacher", student_dir, student_dir)
-    args = [
-        "fit",
-        "--config",
-        str(config),
-        "--ckpt_path",
-        str(tiny_run[1]),
-        "--trainer.max_steps",
-        "3",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.callbacks",
-        "[]",
-        "--trainer.logger",
-        "false",
-    ]
+    args = ["fit", "--config", str(config), "--ckpt_path", str(tiny_run[1]), *_one_more_step(tmp_path)]
     assert "allow_teacher_change: true" in refused(args, monkeypatch, capsys)
     run_main([*args, "--model.init_args.allow_teacher_change", "true"], monkeypatch)
 
 
 def test_allow_settings_change_resumes_on_purpose(tiny_run, tmp_path, monkeypatch):
-    run_main(
-        [
-            "fit",
-            "--config",
-            str(tiny_run[0]),
-            "--ckpt_path",
-            str(tiny_run[1]),
-            "--model.init_args.objective.init_args.beta",
-            "0.9",
-            "--model.init_args.allow_settings_change",
-            "true",
-            "--trainer.max_steps",
-            "3",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.callbacks",
-            "[]",
-            "--trainer.logger",
-            "false",
-        ],
-        monkeypatch,
-    )
+    allowed = ("--model.init_args.allow_settings_change", "true")
+    beta = ("--model.init_args.objective.init_args.beta", "0.9")
+    run_main(_resume(tiny_run, *beta, *allowed, *_one_more_step(tmp_path)), monkeypatch)
 
 
 def test_validate_with_another_beta_is_not_a_resume(tiny_run, monkeypatch):
     """Only a resume trains with the settings; validate/test still check checksums and architecture."""
-    run_main(
-        [
-            "validate",
-            "--config",
-            str(tiny_run[0]),
-            "--ckpt_path",
-            str(tiny_run[1]),
-            "--model.init_args.objective.init_args.beta",
-            "0.9",
-        ],
-        monkeypatch,
-    )
+    beta = ("--model.init_args.objective.init_args.beta", "0.9")
+    run_main(_resume(tiny_run, *beta, command="validate"), monkeypatch)
 
 
 def test_a_setting_newer_than_the_checkpoint_counts_at_its_default(char_tok):
@@ -419,30 +373,29 @@ def test_the_recorded_settings_are_what_is_compared(tiny_run):
 def test_another_method_setting_is_refused_not_silently_replaced(tiny_run, monkeypatch, capsys):
     """LightningCLI lays the checkpoint's hparams over the command line: lmbda 0.9 given for this run
     used to become the checkpoint's 0.5 without a word."""
-    args = ["fit", "--config", str(tiny_run[0]), "--ckpt_path", str(tiny_run[1]), "--model.init_args.lmbda", "0.9"]
-    line = refused(args, monkeypatch, capsys)
-    assert line == f"error: ckpt_path='{tiny_run[1]}' was trained with other settings: lmbda 0.5 -> 0.9. {SETTINGS_FIX}"
+    line = refused(_resume(tiny_run, "--model.init_args.lmbda", "0.9"), monkeypatch, capsys)
+    assert line == (f"error: ckpt_path='{tiny_run[1]}' was trained with other settings: lmbda 0.5 -> 0.9. "
+                    f"{SETTINGS_FIX}")
 
 
 def test_a_method_setting_changed_on_purpose_is_the_one_used(tiny_run, tmp_path, monkeypatch):
     from lit_opd import cli
 
-    built = []
-    monkeypatch.setattr(cli.OPDCLI, "before_fit", lambda self: built.append(self.model.lmbda), raising=False)
-    run_main(
-        ["fit", "--config", str(tiny_run[0]), "--ckpt_path", str(tiny_run[1]), "--model.init_args.lmbda", "0.9",
-         "--model.init_args.allow_settings_change", "true", "--trainer.max_steps", "3",
-         "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]", "--trainer.logger", "false"],
-        monkeypatch,
-    )
+    built, before_fit = [], cli.OPDCLI.before_fit
+
+    def spy(self) -> None:  # noqa: ANN001 - the CLI's own hook, still run
+        built.append(self.model.lmbda)
+        before_fit(self)
+
+    monkeypatch.setattr(cli.OPDCLI, "before_fit", spy)
+    allowed = ("--model.init_args.allow_settings_change", "true")
+    lmbda = ("--model.init_args.lmbda", "0.9")
+    run_main(_resume(tiny_run, *lmbda, *allowed, *_one_more_step(tmp_path)), monkeypatch)
     assert built == [0.9]
 
 
-def test_a_changed_method_setting_is_refused_on_a_last_resume_too(tiny_run, tmp_path, monkeypatch, capsys):
+def test_a_changed_method_setting_is_refused_on_a_last_resume_too(tiny_run, monkeypatch, capsys):
     """`--ckpt_path last` is resolved only once the trainer exists; the settings are checked then."""
-    root = tmp_path / "run"
-    shutil.copytree(tiny_run[1].parent.parent, root)
-    args = ["fit", "--config", str(tiny_run[0]), "--trainer.default_root_dir", str(root),
-            "--trainer.logger.init_args.save_dir", str(root), "--ckpt_path", "last", "--model.init_args.lmbda", "0.9"]
-    line = refused(args, monkeypatch, capsys)
-    assert line.startswith("error: ckpt_path='") and line.endswith(f"lmbda 0.5 -> 0.9. {SETTINGS_FIX}")
+    args = ["fit", "--config", str(tiny_run[0]), "--ckpt_path", "last", "--model.init_args.lmbda", "0.9"]
+    assert refused(args, monkeypatch, capsys) == (
+        f"error: ckpt_path='{tiny_run[1]}' was trained with other settings: lmbda 0.5 -> 0.9. {SETTINGS_FIX}")
